@@ -1,0 +1,22 @@
+"""The one decorator every kernel uses: njit with cache, nogil and the numpy error model.
+
+error_model="numpy" drops the ZeroDivisionError check that blocks vectorisation (numba.md §7).
+cache follows edgeformer._cache: off when no writable directory exists (read-only installs).
+"""
+import numba
+
+from edgeformer._cache import CACHE_ENABLED
+
+
+def kernel(fn=None, *, fastmath=False, inline="never"):
+    """@kernel or @kernel(fastmath=...): a serial, GIL-free, cached Numba function."""
+
+    def wrap(f):
+        return numba.njit(cache=CACHE_ENABLED, nogil=True, error_model="numpy", fastmath=fastmath, inline=inline)(f)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def helper(fn):
+    """An always-inlined scalar helper (exp, erf, ...) called from kernels."""
+    return numba.njit(cache=CACHE_ENABLED, nogil=True, error_model="numpy", inline="always")(fn)

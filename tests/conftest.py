@@ -1,0 +1,15 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Numba compiles on first call: keep deadlines off, and examples modest so the suite stays fast.
+settings.register_profile(
+    "edgeformer",
+    deadline=None,
+    max_examples=40,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "edgeformer"))
