@@ -1,0 +1,10 @@
+"""The op registry: op name -> class with ``infer`` (shape rules, load-time checks) and ``bind``."""
+from edgeformer.ops.activation import Activation
+from edgeformer.ops.attention import Attention
+from edgeformer.ops.embedding import Embedding
+from edgeformer.ops.layer_norm import LayerNorm
+from edgeformer.ops.linear import Linear
+from edgeformer.ops.normalize import Normalize
+from edgeformer.ops.pool import Pool
+
+REGISTRY = {cls.op: cls for cls in (Embedding, Linear, LayerNorm, Attention, Activation, Pool, Normalize)}

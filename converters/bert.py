@@ -1,0 +1,95 @@
+"""BERT-family encoders (BertModel and its task heads' encoder) into coarse ops.
+
+Per layer: one fused Q|K|V linear, attention, output linear with the residual fused in, layer_norm,
+FFN up-projection with the activation fused in, down-projection with the residual, layer_norm.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from converters.registry import register_loader
+from edgeformer.errors import EdgeformerError
+
+HIDDEN_ACT = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+              "gelu_fast": "gelu_tanh", "relu": "relu"}
+
+
+def _ln(ckpt, name, width, tensors):
+    # old TF-converted checkpoints name LayerNorm parameters gamma/beta
+    gamma = f"{name}.weight" if ckpt.has(f"{name}.weight") else f"{name}.gamma"
+    beta = f"{name}.bias" if ckpt.has(f"{name}.bias") else f"{name}.beta"
+    tensors[f"{name}.weight"] = ckpt.get(gamma, (width,))
+    tensors[f"{name}.bias"] = ckpt.get(beta, (width,))
+    return {"gamma": f"{name}.weight", "beta": f"{name}.bias"}
+
+
+def _linear(ckpt, name, shape, tensors):
+    tensors[f"{name}.weight"] = ckpt.get(f"{name}.weight", shape)
+    weights = {"weight": f"{name}.weight"}
+    if ckpt.has(f"{name}.bias"):
+        tensors[f"{name}.bias"] = ckpt.get(f"{name}.bias", (shape[0],))
+        weights["bias"] = f"{name}.bias"
+    return weights
+
+
+@register_loader("bert")
+def load_bert(config: dict, ckpt, builder) -> dict[str, np.ndarray]:
+    d, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    ffn, layers = int(config["intermediate_size"]), int(config["num_hidden_layers"])
+    eps = float(config.get("layer_norm_eps", 1e-12))
+    if d % heads:
+        raise EdgeformerError(f"hidden_size {d} is not divisible by num_attention_heads {heads}")
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        raise EdgeformerError(f"position_embedding_type {config['position_embedding_type']!r} is not supported")
+    act = config.get("hidden_act", "gelu")
+    if act not in HIDDEN_ACT:
+        raise EdgeformerError(f"hidden_act {act!r} is not supported; supported: {sorted(HIDDEN_ACT)}")
+    ckpt.strip_prefix("bert.", "embeddings.word_embeddings.weight")
+    head_dim = d // heads
+    tensors: dict[str, np.ndarray] = {}
+
+    ids = builder.input("input_ids")
+    builder.input("attention_mask", optional=True)
+    emb_inputs = [ids]
+    emb_weights = {"word": "embeddings.word_embeddings.weight"}
+    tensors["embeddings.word_embeddings.weight"] = ckpt.get("embeddings.word_embeddings.weight")
+    if tensors["embeddings.word_embeddings.weight"].shape[1] != d:
+        raise EdgeformerError("word embedding width differs from hidden_size")
+    if ckpt.has("embeddings.position_embeddings.weight"):
+        tensors["embeddings.position_embeddings.weight"] = ckpt.get("embeddings.position_embeddings.weight")
+        emb_weights["position"] = "embeddings.position_embeddings.weight"
+    if ckpt.has("embeddings.token_type_embeddings.weight"):
+        tensors["embeddings.token_type_embeddings.weight"] = ckpt.get("embeddings.token_type_embeddings.weight")
+        emb_weights["token_type"] = "embeddings.token_type_embeddings.weight"
+        emb_inputs.append(builder.input("token_type_ids", optional=True))
+    h = builder.add("embedding", "embeddings", emb_inputs, emb_weights)
+    h = builder.add("layer_norm", "embeddings.LayerNorm", [h], _ln(ckpt, "embeddings.LayerNorm", d, tensors),
+                    {"eps": eps})
+    for i in range(layers):
+        p = f"encoder.layer.{i}"
+        qkv_w = np.concatenate([ckpt.get(f"{p}.attention.self.{n}.weight", (d, d)) for n in ("query", "key", "value")])
+        tensors[f"{p}.attention.qkv.weight"] = qkv_w  # (3d, d)
+        qkv_weights = {"weight": f"{p}.attention.qkv.weight"}
+        if ckpt.has(f"{p}.attention.self.query.bias"):
+            tensors[f"{p}.attention.qkv.bias"] = np.concatenate(
+                [ckpt.get(f"{p}.attention.self.{n}.bias", (d,)) for n in ("query", "key", "value")])
+            qkv_weights["bias"] = f"{p}.attention.qkv.bias"
+        qkv = builder.add("linear", f"{p}.attention.qkv", [h], qkv_weights)
+        ctx = builder.add("attention", f"{p}.attention", [qkv], attrs={
+            "kind": "softmax", "num_heads": heads, "head_dim": head_dim, "scale": 1.0 / math.sqrt(head_dim)})
+        a = builder.add("linear", f"{p}.attention.output.dense", [ctx, h],
+                        _linear(ckpt, f"{p}.attention.output.dense", (d, d), tensors))
+        h1 = builder.add("layer_norm", f"{p}.attention.output.LayerNorm", [a],
+                         _ln(ckpt, f"{p}.attention.output.LayerNorm", d, tensors), {"eps": eps})
+        f = builder.add("linear", f"{p}.intermediate.dense", [h1],
+                        _linear(ckpt, f"{p}.intermediate.dense", (ffn, d), tensors), {"activation": HIDDEN_ACT[act]})
+        o = builder.add("linear", f"{p}.output.dense", [f, h1], _linear(ckpt, f"{p}.output.dense", (d, ffn), tensors))
+        last = i == layers - 1
+        h = builder.add("layer_norm", f"{p}.output.LayerNorm", [o], _ln(ckpt, f"{p}.output.LayerNorm", d, tensors),
+                        {"eps": eps}, output="last_hidden_state" if last else None)
+    if layers == 0:
+        raise EdgeformerError("num_hidden_layers must be >= 1")
+    builder.output("last_hidden_state")
+    return tensors

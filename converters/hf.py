@@ -1,0 +1,84 @@
+"""Hugging Face checkpoint directory -> edgeformer model file.
+
+Reads config.json, the weights (safetensors, or torch.load with weights_only=True), and where the
+directory is a sentence-transformers model its modules.json: Pooling (mean or cls) and Normalize
+become graph ops, sentence_bert_config.json's max_seq_length becomes the text truncation length.
+tokenizer.json is carried in the file so that ``model.embed(texts)`` works on the device.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from converters import bert  # noqa: F401  (registers the loaders)
+from converters.checkpoint import load_checkpoint
+from converters.registry import LOADERS
+from edgeformer.errors import EdgeformerError
+from edgeformer.format import write_model
+from edgeformer.graph import GraphBuilder, validate
+from edgeformer.ops import REGISTRY
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EdgeformerError(f"cannot read {path}: {exc}") from None
+
+
+def sentence_transformers_head(directory: Path) -> tuple[str | None, bool, int | None]:
+    """(pooling mode or None, normalize?, max_seq_length) declared by a sentence-transformers directory."""
+    modules_file = directory / "modules.json"
+    if not modules_file.is_file():
+        return None, False, None
+    pooling, normalize = None, False
+    for module in _read_json(modules_file):
+        kind = module.get("type", "")
+        if kind.endswith("models.Pooling"):
+            cfg = _read_json(directory / module.get("path", "") / "config.json")
+            modes = [m for m in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens",
+                                 "lasttoken") if cfg.get(f"pooling_mode_{m}")]
+            if modes not in (["mean_tokens"], ["cls_token"]):
+                raise EdgeformerError(f"unsupported sentence-transformers pooling {modes}; supported: mean, cls")
+            pooling = "mean" if modes == ["mean_tokens"] else "cls"
+        elif kind.endswith("models.Normalize"):
+            normalize = True
+        elif not kind.endswith("models.Transformer"):
+            raise EdgeformerError(f"unsupported sentence-transformers module {kind!r}")
+    max_len = None
+    st_config = directory / "sentence_bert_config.json"
+    if st_config.is_file():
+        max_len = _read_json(st_config).get("max_seq_length")
+    return pooling, normalize, max_len
+
+
+def convert_hf_directory(src, out, *, progress: bool = False) -> Path:
+    directory, out = Path(src), Path(out)
+    if not (directory / "config.json").is_file():
+        raise EdgeformerError(f"{directory} is not a Hugging Face checkpoint directory (no config.json)")
+    config = _read_json(directory / "config.json")
+    model_type = config.get("model_type")
+    if model_type not in LOADERS:
+        raise EdgeformerError(f"model_type {model_type!r} is not supported; supported: {sorted(LOADERS)}")
+    ckpt = load_checkpoint(directory)
+    builder = GraphBuilder(config.get("_name_or_path") or directory.name)
+    tensors = LOADERS[model_type](config, ckpt, builder)
+
+    pooling, normalize, max_len = sentence_transformers_head(directory)
+    if pooling:
+        value = builder.add("pool", "pooling", ["last_hidden_state"], attrs={"mode": pooling},
+                            output=None if normalize else "sentence_embedding")
+        if normalize:
+            builder.add("normalize", "normalize", [value], attrs={"p": 2, "eps": 1e-12}, output="sentence_embedding")
+        builder.output("sentence_embedding")
+    graph = builder.build()
+    validate(graph, tensors, REGISTRY)  # fail here, not on the device
+
+    tokenizer_file = directory / "tokenizer.json"
+    tokenizer_json = tokenizer_file.read_text(encoding="utf-8") if tokenizer_file.is_file() else None
+    max_len = max_len or config.get("max_position_embeddings")
+    metadata = {"source": "huggingface", "model_type": model_type}
+    if max_len:
+        metadata["max_length"] = str(int(max_len))
+    write_model(out, tensors, graph.to_json(), tokenizer_json=tokenizer_json, metadata=metadata)
+    return out

@@ -1,0 +1,229 @@
+"""The `edgeformer` command: run | inspect | bench | precompile | info | demo (+ convert from converters).
+
+Subcommands from other packages register through the ``edgeformer.cli`` entry-point group, so the
+runtime never imports the converters.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import numpy as np
+
+from edgeformer.errors import EdgeformerError
+
+
+def _load(args):
+    import edgeformer
+
+    return edgeformer.load(args.model, threads=args.threads)
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        batch, seq = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 8x128, got {text!r}") from None
+    if batch < 1 or seq < 1:
+        raise argparse.ArgumentTypeError(f"shape must be positive, got {text!r}")
+    return batch, seq
+
+
+# -- run --------------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    model = _load(args)
+    if args.text:
+        feeds = model.text_encoder()(args.text)
+        feeds = {k: v for k, v in feeds.items() if k in {s.name for s in model.inputs}}
+    elif args.inputs:
+        feeds = {}
+        for path in args.inputs:
+            if path.endswith(".npz"):
+                with np.load(path, allow_pickle=False) as data:
+                    feeds.update({k: data[k] for k in data.files})
+            else:
+                name, _, file = path.partition("=")
+                if not file:
+                    raise EdgeformerError(f"give .npy feeds as NAME=FILE.npy, got {path!r}")
+                feeds[name] = np.load(file, allow_pickle=False)
+    else:
+        raise EdgeformerError("give feeds (.npz or NAME=FILE.npy) or --text")
+    start = time.perf_counter()
+    outputs = model.run(feeds)
+    elapsed = time.perf_counter() - start
+    if args.output:
+        np.savez(args.output, **outputs)
+        print(f"wrote {args.output}")
+    for name, value in outputs.items():
+        print(f"{name}: shape {list(value.shape)} {value.dtype}")
+        print(np.array2string(value.reshape(-1, value.shape[-1])[:4, :8], precision=4, suppress_small=True))
+    print(f"latency {elapsed * 1e3:.2f} ms ({model.threads} threads)")
+    return 0
+
+
+# -- inspect ----------------------------------------------------------------------------------
+def cmd_inspect(args) -> int:
+    model = _load(args)
+    graph = model.graph
+    counts: dict[str, int] = {}
+    rows = []
+    for node in graph.nodes:
+        label = node.op if node.op not in ("linear", "attention") else \
+            f"{node.op}[{node.attrs.get('format', node.attrs.get('kind', 'fp32' if node.op == 'linear' else 'softmax'))}]"
+        counts[label] = counts.get(label, 0) + 1
+        params = sum(int(model.tensors[t].size) for t in node.weights.values())
+        nbytes = sum(int(model.tensors[t].nbytes) for t in node.weights.values())
+        rows.append((node.name, label, model._types[node.outputs[0]].width, params, nbytes))
+    total_params = sum(int(t.size) for t in model.tensors.values())
+    total_bytes = sum(int(t.nbytes) for t in model.tensors.values())
+    batch, seq = args.shape
+    report = {
+        "model": str(args.model), "name": graph.name, "format_version": model.format_version,
+        "inputs": [s.__dict__ for s in model.inputs], "outputs": [s.__dict__ for s in model.outputs],
+        "ops": counts, "nodes": len(graph.nodes), "parameters": total_params, "weight_bytes": total_bytes,
+        "planned_peak_activation_bytes": {f"{batch}x{seq}": model.plan_memory(batch, seq)},
+        "tokenizer": bool(model._file.tokenizer_json), "max_length": model.max_length,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(f"{graph.name}: {len(graph.nodes)} nodes, {total_params:,} parameters, {total_bytes / 2**20:.1f} MiB of weights")
+    print("inputs:  " + ", ".join(f"{s.name}{list(s.shape)}{' (optional)' if s.optional else ''}" for s in model.inputs))
+    print("outputs: " + ", ".join(f"{s.name}{list(s.shape)}" for s in model.outputs))
+    print("ops:     " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
+    print(f"planned peak activation memory at {batch}x{seq}: {model.plan_memory(batch, seq) / 2**20:.2f} MiB")
+    if args.verbose:
+        print(f"\n{'node':48} {'op':18} {'width':>6} {'params':>10} {'bytes':>11}")
+        for name, label, width, params, nbytes in rows:
+            print(f"{name:48} {label:18} {width:>6} {params:>10,} {nbytes:>11,}")
+    return 0
+
+
+# -- precompile ---------------------------------------------------------------------------------
+def cmd_precompile(args) -> int:
+    from edgeformer._cache import CACHE_ENABLED
+
+    start = time.perf_counter()
+    model = _load(args)
+    warm_up(model)
+    where = __import__("os").environ.get("NUMBA_CACHE_DIR", "(disabled)") if CACHE_ENABLED else "(no writable cache)"
+    print(f"compiled the kernels of {args.model} in {time.perf_counter() - start:.1f} s; cache: {where}")
+    return 0
+
+
+def warm_up(model) -> None:
+    """Run every kernel once on a padded batch (the packed path) so Numba compiles or loads them."""
+    ids = np.array([[1, 2, 3], [1, 2, 0]], dtype=np.int64)
+    mask = np.array([[1, 1, 1], [1, 1, 0]], dtype=np.int64)
+    feeds = {"input_ids": ids}
+    names = {s.name for s in model.inputs}
+    if "attention_mask" in names:
+        feeds["attention_mask"] = mask
+    if "token_type_ids" in names:
+        feeds["token_type_ids"] = np.zeros_like(ids)
+    model.run(feeds)
+
+
+# -- info ---------------------------------------------------------------------------------------
+def cmd_info(args) -> int:
+    import os
+
+    import numba
+    import scipy
+    from llvmlite import binding as llvm
+
+    from edgeformer import blas
+    from edgeformer._cache import CACHE_ENABLED
+    from edgeformer.workers import default_threads
+
+    features = llvm.get_host_cpu_features()
+    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512vnni", "avxvnni", "avx512vpopcntdq", "f16c", "neon",
+              "dotprod", "i8mm"]
+    present = [f for f in wanted if features.get(f)]
+    print(f"edgeformer {__import__('edgeformer').__version__}")
+    print(f"cpu: {llvm.get_host_cpu_name()} features: {' '.join(present) or '(none of interest)'}")
+    print(f"numpy {np.__version__}, numba {numba.__version__}, scipy {scipy.__version__}")
+    print(f"threads: default {default_threads()} (edgeformer worker pool; BLAS pinned to 1 per worker: "
+          f"{'yes' if blas.pin_blas_to_one_thread() else 'library not found'})")
+    print(f"numba cache: {os.environ.get('NUMBA_CACHE_DIR') if CACHE_ENABLED else 'disabled (no writable directory)'}")
+    print("kernel paths: linear fp32 = BLAS sgemm + fused epilogue; attention softmax = tiled online softmax")
+    return 0
+
+
+# -- demo (the main job) --------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from edgeformer.demo import semantic_search
+
+    return semantic_search(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeformer", description="Transformer inference on CPUs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_parser(name, help_text):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("model", help="an .edgeformer model file")
+        p.add_argument("--threads", type=int, default=None, help="worker threads (default: usable cores)")
+        return p
+
+    p = model_parser("run", "run a model on .npz/.npy feeds or on text")
+    p.add_argument("inputs", nargs="*", help="feeds.npz or NAME=FILE.npy")
+    p.add_argument("--text", nargs="+", help="texts to tokenize with the tokenizer carried in the file")
+    p.add_argument("-o", "--output", help="write the outputs to this .npz")
+    p.set_defaults(func=cmd_run)
+
+    p = model_parser("inspect", "show ops, shapes, parameters, bytes and planned peak memory")
+    p.add_argument("--shape", type=_shape, default=(1, 128), help="batch x seq for the memory plan (default 1x128)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per node")
+    p.set_defaults(func=cmd_inspect)
+
+    p = model_parser("precompile", "fill the Numba cache with the model's kernels")
+    p.set_defaults(func=cmd_precompile)
+
+    p = model_parser("bench", "time the model over shapes and threads (medians), optionally against baselines")
+    from edgeformer.bench import add_arguments
+
+    add_arguments(p)
+
+    p = sub.add_parser("info", help="CPU features, versions, threads and Numba cache")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="semantic search with all-MiniLM-L6-v2 over a bundled corpus (the main job)")
+    p.add_argument("queries", nargs="*", help="queries (default: a few bundled ones)")
+    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--model", help="use this converted model file instead of the cached conversion")
+    p.set_defaults(func=cmd_demo)
+
+    for entry in importlib_metadata.entry_points(group="edgeformer.cli"):
+        try:
+            entry.load()(sub)
+        except ImportError as exc:  # the converters' optional dependencies are missing
+            p = sub.add_parser(entry.name, help=f"unavailable: {exc}")
+            p.set_defaults(func=lambda a, exc=exc: _unavailable(exc))
+    return parser
+
+
+def _unavailable(exc) -> int:
+    print(f"edgeformer: this command needs optional packages: {exc}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except EdgeformerError as exc:
+        print(f"edgeformer: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

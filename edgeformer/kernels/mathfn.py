@@ -1,0 +1,226 @@
+"""Scalar float32 transcendental helpers that vectorise (numba.md §7), and the activation codes.
+
+libm calls (np.exp, math.erf, np.tanh) inside njit are scalar calls that block vectorisation; these
+helpers are plain float32 arithmetic, so a loop that calls them compiles to ymm/zmm code.
+
+Rules followed throughout:
+- every constant is a module-level np.float32: a Python float literal would promote float32
+  arithmetic to float64 (Numba types float32 (op) float64 / int64 as float64);
+- clamps are written `c if x > c else x`, which keeps NaN (a comparison with NaN is False), so NaN
+  propagates through every helper;
+- no fastmath: the rounding trick in exp_f32 and the Cody-Waite reduction need exact IEEE order.
+
+Measured accuracy (float32 inputs, against float64 math; tests/test_kernels_math.py checks these):
+    exp_f32    max relative error 8e-8 (<= 1 ulp) on normal results; overflows to inf above ~88.72,
+               gradual underflow to 0 at ~-103.97 (the input clamp to [-104, 89] changes no result)
+    erf_f32    max absolute error 1.4e-7 (polynomial for |x| < 1, 1 - erfc(|x|) beyond)
+    tanh_f32   max absolute error 8e-8, relative 1.4e-7 (odd polynomial below 0.625, exp beyond)
+    gelu_erf   max absolute error 4e-7 on |x| < 8 (<= 1 ulp of the result), relative-accurate tail
+    gelu_tanh  max absolute error 5e-7 on |x| < 8 (~1 ulp of the result), relative-accurate tail
+Special values: NaN -> NaN everywhere; exp(+-inf) = inf, 0; erf/tanh(+-inf) = +-1; gelu(+inf) = inf,
+gelu(-inf) = NaN (as torch's tanh GELU; x * Phi(x) is -inf * 0); -0.0 keeps its sign.
+"""
+import numpy as np
+from numba.cpython.unsafe.numbers import viewer
+
+from edgeformer.kernels._jit import helper
+
+ACT_NONE = 0
+ACT_RELU = 1
+ACT_GELU_ERF = 2
+ACT_GELU_TANH = 3
+ACT_CODES = {"none": ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU_ERF, "gelu_erf": ACT_GELU_ERF,
+             "gelu_tanh": ACT_GELU_TANH}
+
+_f = np.float32
+
+_ZERO = _f(0.0)
+_HALF = _f(0.5)
+_ONE = _f(1.0)
+_TWO = _f(2.0)
+
+# ---- exp ------------------------------------------------------------------------------------------
+# x is clamped to [-104, 89]: exp(89) overflows to inf and exp(-104) rounds to 0, so the clamp does
+# not change any float32 result, it only keeps n = round(x / ln2) inside [-150, 129].
+_EXP_HI = _f(89.0)
+_EXP_LO = _f(-104.0)
+_LOG2E = _f(1.4426950408889634)
+_ROUND_MAGIC = _f(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer held in the low bits
+_ROUND_MAGIC_BITS = 0x4B400000  # the bit pattern of _ROUND_MAGIC
+_LN2_HI = _f(0.693359375)  # Cody-Waite: ln2 = HI + LO, HI has 9 significant bits so n*HI is exact
+_LN2_LO = _f(-2.12194440e-4)
+# Cephes expf minimax polynomial for exp(r) - 1 - r on |r| <= ln2/2
+_EP0 = _f(1.9875691500e-4)
+_EP1 = _f(1.3981999507e-3)
+_EP2 = _f(8.3334519073e-3)
+_EP3 = _f(4.1665795894e-2)
+_EP4 = _f(1.6666665459e-1)
+_EP5 = _f(5.0000001201e-1)
+
+
+@helper
+def exp_f32(x):
+    """exp(x) for float32 x; NaN -> NaN, +inf -> inf, -inf -> 0, denormal results are kept."""
+    x = _EXP_HI if x > _EXP_HI else x
+    x = _EXP_LO if x < _EXP_LO else x
+    t = x * _LOG2E + _ROUND_MAGIC  # round(x*log2e) sits in the mantissa of t
+    n = t - _ROUND_MAGIC
+    i = np.int32(viewer(t, np.int32) - _ROUND_MAGIC_BITS)
+    r = x - n * _LN2_HI
+    r = r - n * _LN2_LO
+    z = r * r
+    p = (((((_EP0 * r + _EP1) * r + _EP2) * r + _EP3) * r + _EP4) * r + _EP5) * z + r + _ONE
+    # 2**n as two factors 2**n1 * 2**n2 (each a normal float) so that results in the denormal range
+    # are rounded once, and exp(89) overflows to inf instead of wrapping the exponent.
+    n1 = np.int32(i >> 1)
+    n2 = np.int32(i - n1)
+    s1 = viewer(np.int32((n1 + 127) << 23), np.float32)
+    s2 = viewer(np.int32((n2 + 127) << 23), np.float32)
+    return (p * s1) * s2
+
+
+# ---- erf ------------------------------------------------------------------------------------------
+# |x| < 1: erf(x) = x * P(x^2), P of degree 6 fitted (weighted least squares on Chebyshev nodes,
+# float64, then rounded to float32) to erf(x)/x on [0, 1]: fit error 1.2e-9, so the float32 rounding
+# (~1.4e-7) dominates. |x| >= 1: 1 - erfc(|x|) with the erfc below (error there <= 8e-8).
+_ERF_SPLIT = _f(1.0)
+_ERF_BIG = _f(10.0)  # erfc(10) underflows to 0 in float32
+_EC0 = _f(1.1283791065216064)
+_EC1 = _f(-0.3761262595653534)
+_EC2 = _f(0.11283600330352783)
+_EC3 = _f(-0.02685445174574852)
+_EC4 = _f(0.005189547315239906)
+_EC5 = _f(-0.0008020935347303748)
+_EC6 = _f(7.889409607741982e-05)
+
+
+@helper
+def _erf_small(x):
+    """erf(x) for float32 |x| <= 1 (x * P(x^2)); exact sign, -0.0 kept, tiny x -> x * 2/sqrt(pi)."""
+    x2 = x * x
+    p = _EC6 * x2 + _EC5
+    p = p * x2 + _EC4
+    p = p * x2 + _EC3
+    p = p * x2 + _EC2
+    p = p * x2 + _EC1
+    p = p * x2 + _EC0
+    return x * p
+
+
+# ---- normal CDF tail, for GELU ---------------------------------------------------------------------
+# Phi(-a) = erfc(a / sqrt2) / 2 for a >= 0, with the Numerical Recipes erfc (Chebyshev fit,
+# fractional error < 1.2e-7 for every argument). Being relative-accurate in the tail, x * Phi(x)
+# has no cancellation for negative x (0.5 * x * (1 + erf) loses everything there).
+_INV_SQRT2 = _f(0.7071067811865476)
+_NR0 = _f(-1.26551223)
+_NR1 = _f(1.00002368)
+_NR2 = _f(0.37409196)
+_NR3 = _f(0.09678418)
+_NR4 = _f(-0.18628806)
+_NR5 = _f(0.27886807)
+_NR6 = _f(-1.13520398)
+_NR7 = _f(1.48851587)
+_NR8 = _f(-0.82215223)
+_NR9 = _f(0.17087277)
+
+
+@helper
+def _erfc_pos(z):
+    """erfc(z) for float32 z >= 0 (NaN -> NaN), relative error ~1e-7 (float32 rounding bound)."""
+    t = _ONE / (_ONE + _HALF * z)
+    s = _NR9 * t + _NR8
+    s = s * t + _NR7
+    s = s * t + _NR6
+    s = s * t + _NR5
+    s = s * t + _NR4
+    s = s * t + _NR3
+    s = s * t + _NR2
+    s = s * t + _NR1
+    s = s * t + _NR0
+    return t * exp_f32(s - z * z)
+
+
+@helper
+def _phi_neg(a):
+    """Phi(-a) = P(N(0,1) < -a) = erfc(a / sqrt2) / 2 for float32 a >= 0 (NaN -> NaN)."""
+    return _HALF * _erfc_pos(a * _INV_SQRT2)
+
+
+@helper
+def erf_f32(x):
+    """erf(x) for float32 x; NaN -> NaN, +-inf -> +-1, -0.0 -> -0.0, tiny x -> 2x/sqrt(pi)."""
+    a = -x if x < _ZERO else x
+    c = _ONE if x > _ONE else x
+    c = -_ONE if c < -_ONE else c
+    small = _erf_small(c)
+    a = _ERF_BIG if a > _ERF_BIG else a
+    big = _ONE - _erfc_pos(a)
+    big = -big if x < _ZERO else big
+    return small if a < _ERF_SPLIT else big
+
+
+# ---- tanh -----------------------------------------------------------------------------------------
+_TANH_SMALL = _f(0.625)
+_TANH_BIG = _f(10.0)  # tanh(x) rounds to 1 from x ~ 9.01
+# Cephes tanhf odd polynomial on |x| < 0.625
+_TP0 = _f(-5.70498872745e-3)
+_TP1 = _f(2.06390887954e-2)
+_TP2 = _f(-5.37397155531e-2)
+_TP3 = _f(1.33314422036e-1)
+_TP4 = _f(-3.33332819422e-1)
+
+
+@helper
+def tanh_f32(x):
+    """tanh(x) for float32 x; NaN -> NaN, +-inf -> +-1, tiny and -0.0 x -> x."""
+    a = -x if x < _ZERO else x
+    z = x * x
+    small = ((((_TP0 * z + _TP1) * z + _TP2) * z + _TP3) * z + _TP4) * z * x + x
+    a = _TANH_BIG if a > _TANH_BIG else a
+    big = _ONE - _TWO / (exp_f32(_TWO * a) + _ONE)
+    big = -big if x < _ZERO else big
+    small = x if x == _ZERO else small  # keeps the sign of -0.0
+    return small if a < _TANH_SMALL else big
+
+
+# ---- activations ----------------------------------------------------------------------------------
+_SQRT_2_OVER_PI = _f(0.7978845608028654)
+_GELU_TANH_C = _f(0.044715)
+
+
+@helper
+def relu(x):
+    """max(x, 0); NaN -> NaN, -0.0 -> -0.0 (as torch.relu)."""
+    return _ZERO if x < _ZERO else x
+
+
+@helper
+def gelu_erf(x):
+    """x * Phi(x) (torch gelu approximate='none'). +inf -> inf, -inf -> NaN, NaN -> NaN."""
+    a = -x if x < _ZERO else x
+    lo = _phi_neg(a)
+    phi = lo if x < _ZERO else _ONE - lo
+    return x * phi
+
+
+@helper
+def gelu_tanh(x):
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (torch gelu approximate='tanh').
+
+    Evaluated as x / (1 + exp(-2u)), the same function without cancellation for negative x.
+    +inf -> inf, -inf -> NaN, NaN -> NaN.
+    """
+    u = _SQRT_2_OVER_PI * (x + _GELU_TANH_C * x * x * x)
+    return x / (_ONE + exp_f32(-_TWO * u))
+
+
+@helper
+def apply_act(v, act):
+    """Apply activation code `act` (ACT_*) to the float32 scalar v; unknown codes act as none."""
+    if act == ACT_RELU:
+        return relu(v)
+    if act == ACT_GELU_ERF:
+        return gelu_erf(v)
+    if act == ACT_GELU_TANH:
+        return gelu_tanh(v)
+    return v

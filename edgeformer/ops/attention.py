@@ -1,0 +1,94 @@
+"""attention: multi-head attention over the packed tokens of each sequence, with a registry of kinds.
+
+Input: qkv (T, 3*H*dh) from a fused Q/K/V projection, columns [Q | K | V], head h at h*dh:(h+1)*dh.
+Output: (T, H*dh). Each sequence attends only to its own valid tokens (padding-free batches), so
+no mask is materialised. A kind (softmax now; clipped_softmax, gated, binary_hash later) is a class
+registered with ``@register_kind(name)`` holding its own kernel; the session never sees kinds.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edgeformer.errors import GraphError
+from edgeformer.graph import TOKENS, ValueType
+from edgeformer.ops.base import attr, inputs_count
+
+KINDS: dict[str, type] = {}
+
+
+def register_kind(name: str):
+    def wrap(cls):
+        KINDS[name] = cls
+        return cls
+
+    return wrap
+
+
+def balanced_items(lengths: np.ndarray, num_heads: int, parts: int, head_dim: int) -> list[tuple[int, int]]:
+    """Split the B*H (sequence, head) items into contiguous ranges of about equal cost L*(L + dh)."""
+    cost = np.repeat(lengths * (lengths + head_dim), num_heads).astype(np.float64)  # (B*H,)
+    total_items = cost.shape[0]
+    if parts <= 1 or total_items <= 1:
+        return [(0, total_items)] if total_items else []
+    cum = np.cumsum(cost)
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, parts) / parts, side="right")
+    bounds = [0] + sorted(set(int(c) for c in cuts if 0 < c < total_items)) + [total_items]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+@register_kind("softmax")
+class SoftmaxAttention:
+    """softmax(scale * Q K^T [+ causal mask]) V per head, tiled with an online softmax."""
+
+    def __init__(self, node, num_heads, head_dim):
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.scale = attr(node, "scale", float, 1.0 / math.sqrt(head_dim))
+        self.causal = bool(attr(node, "causal", bool, False))
+
+    def __call__(self, qkv, batch, out, workers):
+        from edgeformer.kernels.attention import attention_softmax
+
+        chunks = balanced_items(batch.lengths, self.num_heads, workers.threads, self.head_dim)
+        workers.run(attention_softmax, chunks, qkv, batch.cu_seqlens, self.num_heads, self.head_dim,
+                    self.scale, self.causal, out)
+
+
+class Attention:
+    op = "attention"
+
+    @staticmethod
+    def _kind(node):
+        kind = attr(node, "kind", str, "softmax")
+        if kind not in KINDS:
+            raise GraphError(f"node {node.name!r}: unknown attention kind {kind!r}; known: {sorted(KINDS)}")
+        heads, head_dim = attr(node, "num_heads", int), attr(node, "head_dim", int)
+        if heads < 1 or head_dim < 1:
+            raise GraphError(f"node {node.name!r}: num_heads and head_dim must be >= 1")
+        return KINDS[kind](node, heads, head_dim)
+
+    @classmethod
+    def infer(cls, node, in_types, weights):
+        inputs_count(node, in_types, 1)
+        kind = cls._kind(node)
+        if in_types[0].kind != TOKENS:
+            raise GraphError(f"node {node.name!r}: attention input must be a token value")
+        width = kind.num_heads * kind.head_dim
+        if in_types[0].width != 3 * width:
+            raise GraphError(f"node {node.name!r}: qkv width {in_types[0].width} != 3 * num_heads * head_dim "
+                             f"= {3 * width}")
+        return [ValueType(TOKENS, width)]
+
+    @classmethod
+    def bind(cls, node, weights):
+        kind = cls._kind(node)
+        width = kind.num_heads * kind.head_dim
+
+        def run(inputs, batch, workers):
+            qkv = inputs[0]
+            out = np.empty((qkv.shape[0], width), dtype=np.float32)  # (T, H*dh)
+            kind(qkv, batch, out, workers)
+            return [out]
+
+        return run

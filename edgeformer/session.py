@@ -1,0 +1,202 @@
+"""load -> validate -> bind -> run.
+
+``load`` reads the model file (zero-copy mmap), validates the graph once and binds every node to its
+weights, so ``Model.run`` only checks the feeds, packs the valid tokens, calls the bound nodes in order
+and unpacks the outputs. A Model is immutable after load and safe to share between Python threads.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from edgeformer import blas
+from edgeformer.batch import Batch
+from edgeformer.errors import InputError, ModelFileError
+from edgeformer.format import read_model
+from edgeformer.graph import IDS, TOKENS, Graph, last_uses, validate
+from edgeformer.ops import REGISTRY
+from edgeformer.workers import Workers, default_threads
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple  # symbolic dims as strings
+    optional: bool = False
+
+
+class Model:
+    """A loaded model. ``run(feeds)`` maps input names to padded (B, S) integer arrays."""
+
+    def __init__(self, model_file, graph: Graph, threads: int):
+        self._file = model_file
+        self._graph = graph
+        self._types = validate(graph, model_file.tensors, REGISTRY)
+        self._steps = []
+        for node in graph.nodes:
+            weights = {role: model_file.tensors[t] for role, t in node.weights.items()}
+            self._steps.append((node, REGISTRY[node.op].bind(node, weights)))
+        self._last_use = last_uses(graph)
+        self._workers = Workers(threads)
+        self.inputs = tuple(TensorSpec(s["name"], "int64", ("batch", "seq"), bool(s.get("optional")))
+                            for s in graph.inputs)
+        self.outputs = tuple(self._output_spec(s["name"]) for s in graph.outputs)
+        self._input_names = {s.name for s in self.inputs}
+        self._types_of_ids = [name for name, t in self._types.items() if t.kind == IDS]
+        self._required = [s.name for s in self.inputs if not s.optional]
+        self._text = None
+
+    def _output_spec(self, name):
+        vtype = self._types[name]
+        shape = ("batch", "seq", vtype.width) if vtype.kind == TOKENS else ("batch", vtype.width)
+        return TensorSpec(name, "float32", shape)
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def threads(self) -> int:
+        return self._workers.threads
+
+    @property
+    def graph(self) -> Graph:
+        return self._graph
+
+    @property
+    def metadata(self) -> dict:
+        return dict(self._file.metadata)
+
+    @property
+    def tensors(self) -> Mapping[str, np.ndarray]:
+        return self._file.tensors
+
+    @property
+    def max_length(self) -> int | None:
+        value = self._file.metadata.get("max_length")
+        return int(value) if value and value.isdigit() else None
+
+    # -- running --------------------------------------------------------------------------
+    def run(self, feeds: Mapping[str, np.ndarray], outputs=None) -> dict[str, np.ndarray]:
+        arrays = self._check_feeds(feeds)
+        wanted = self._check_outputs(outputs)
+        ids = arrays["input_ids"]
+        batch = Batch.from_mask(arrays.get("attention_mask"), ids.shape[0], ids.shape[1])
+        env = {name: batch.pack(a) for name, a in arrays.items() if name in self._types}
+        for name in self._types_of_ids:
+            if name not in env:  # an optional id input that was not fed (token_type_ids): all zeros
+                env[name] = np.zeros(batch.num_tokens, dtype=np.int64)
+        for index, (node, step) in enumerate(self._steps):
+            results = step([env[v] for v in node.inputs], batch, self._workers)
+            for value, result in zip(node.outputs, results):
+                env[value] = result
+            for value in node.inputs:
+                if self._last_use.get(value) == index:
+                    env.pop(value, None)
+        return {name: batch.unpack(env[name]) if self._types[name].kind == TOKENS else env[name]
+                for name in wanted}
+
+    def _check_outputs(self, outputs):
+        names = [s.name for s in self.outputs]
+        if outputs is None:
+            return names
+        if isinstance(outputs, str):
+            outputs = [outputs]
+        unknown = [o for o in outputs if o not in names]
+        if unknown:
+            raise InputError(f"unknown outputs {unknown}; the model has {names}")
+        return list(outputs)
+
+    def _check_feeds(self, feeds) -> dict[str, np.ndarray]:
+        if not isinstance(feeds, Mapping):
+            raise InputError("feeds must be a mapping from input name to array")
+        unknown = sorted(set(feeds) - self._input_names)
+        if unknown:
+            raise InputError(f"unknown inputs {unknown}; the model takes {sorted(self._input_names)}")
+        missing = [name for name in self._required if name not in feeds]
+        if missing:
+            raise InputError(f"missing inputs {missing}")
+        arrays = {}
+        for name, value in feeds.items():
+            array = np.asarray(value)
+            if array.dtype == bool and name == "attention_mask":
+                array = array.astype(np.int64)
+            if array.dtype.kind not in "iu":
+                raise InputError(f"{name} must be an integer array, got dtype {array.dtype}"
+                                 + (" (float inputs, NaN included, are not accepted for ids and masks)"
+                                    if array.dtype.kind in "fc" else ""))
+            if array.ndim != 2:
+                raise InputError(f"{name} must have 2 dims (batch, seq), got shape {array.shape}")
+            arrays[name] = np.ascontiguousarray(array, dtype=np.int64)
+        shape = arrays["input_ids"].shape
+        if shape[0] == 0 or shape[1] == 0:
+            raise InputError(f"empty batch: input_ids has shape {shape}")
+        for name, array in arrays.items():
+            if array.shape != shape:
+                raise InputError(f"{name} has shape {array.shape}, but input_ids has {shape}")
+        mask = arrays.get("attention_mask")
+        if mask is not None and ((mask != 0) & (mask != 1)).any():
+            raise InputError("attention_mask must contain only 0 and 1")
+        return arrays
+
+    # -- text -----------------------------------------------------------------------------
+    def embed(self, texts, batch_size: int = 32) -> np.ndarray:
+        """Sentence embeddings (B, d) for a list of strings; needs a tokenizer in the file and `tokenizers`."""
+        if "sentence_embedding" not in {s.name for s in self.outputs}:
+            raise InputError("this model has no 'sentence_embedding' output")
+        encoder = self.text_encoder()
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise InputError("texts must be a non-empty list of strings")
+        rows = []
+        for start in range(0, len(texts), batch_size):
+            feeds = encoder(texts[start:start + batch_size])
+            feeds = {k: v for k, v in feeds.items() if k in self._input_names}
+            rows.append(self.run(feeds, outputs=["sentence_embedding"])["sentence_embedding"])
+        return np.concatenate(rows)
+
+    def text_encoder(self):
+        if self._text is None:
+            tokenizer = self._file.tokenizer_json
+            if not tokenizer:
+                raise InputError("this model file carries no tokenizer; feed input_ids instead")
+            from edgeformer.text import TextEncoder
+
+            self._text = TextEncoder(tokenizer, self.max_length or 512)
+        return self._text
+
+    # -- planning ------------------------------------------------------------------------
+    def plan_memory(self, batch_size: int, seq_len: int) -> int:
+        """Peak bytes of activations for an unpadded (batch_size, seq_len) run, freeing at last use."""
+        tokens, live, peak = batch_size * seq_len, {}, 0
+        for name, vtype in self._types.items():
+            if vtype.kind == IDS:
+                live[name] = tokens * 8
+        for index, (node, _) in enumerate(self._steps):
+            for value in node.outputs:
+                vtype = self._types[value]
+                rows = tokens if vtype.kind == TOKENS else batch_size
+                live[value] = rows * vtype.width * 4
+            peak = max(peak, sum(live.values()))
+            for value in node.inputs:
+                if self._last_use.get(value) == index:
+                    live.pop(value, None)
+        return peak
+
+    def close(self) -> None:
+        self._workers.close()
+
+
+def load(path, threads: int | None = None) -> Model:
+    """Open a model file and prepare it to run with ``threads`` threads (default: the usable cores)."""
+    threads = default_threads() if threads is None else threads
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    model_file = read_model(path)
+    try:
+        graph = Graph.from_json(model_file.graph)
+    except json.JSONDecodeError as exc:  # pragma: no cover - read_model already decoded it
+        raise ModelFileError(f"graph is not valid JSON: {exc}") from None
+    blas.pin_blas_to_one_thread()
+    return Model(model_file, graph, threads)
