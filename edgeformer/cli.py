@@ -77,7 +77,7 @@ def cmd_inspect(args) -> int:
         counts[label] = counts.get(label, 0) + 1
         params = sum(int(model.tensors[t].size) for t in node.weights.values())
         nbytes = sum(int(model.tensors[t].nbytes) for t in node.weights.values())
-        rows.append((node.name, label, model._types[node.outputs[0]].width, params, nbytes))
+        rows.append((node.name, label, model.value_width(node.outputs[0]), params, nbytes))
     total_params = sum(int(t.size) for t in model.tensors.values())
     total_bytes = sum(int(t.nbytes) for t in model.tensors.values())
     batch, seq = args.shape
@@ -86,7 +86,7 @@ def cmd_inspect(args) -> int:
         "inputs": [s.__dict__ for s in model.inputs], "outputs": [s.__dict__ for s in model.outputs],
         "ops": counts, "nodes": len(graph.nodes), "parameters": total_params, "weight_bytes": total_bytes,
         "planned_peak_activation_bytes": {f"{batch}x{seq}": model.plan_memory(batch, seq)},
-        "tokenizer": bool(model._file.tokenizer_json), "max_length": model.max_length,
+        "tokenizer": bool(model.tokenizer_json), "max_length": model.max_length,
     }
     if args.json:
         print(json.dumps(report, indent=2, default=str))

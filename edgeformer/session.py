@@ -73,6 +73,22 @@ class Model:
         return self._file.tensors
 
     @property
+    def path(self) -> str:
+        return str(self._file.path)
+
+    @property
+    def format_version(self) -> int:
+        return self._file.version
+
+    @property
+    def tokenizer_json(self) -> str | None:
+        return self._file.tokenizer_json
+
+    def value_width(self, name: str) -> int:
+        """Static width (last dim) of a value of the graph."""
+        return self._types[name].width
+
+    @property
     def max_length(self) -> int | None:
         value = self._file.metadata.get("max_length")
         return int(value) if value and value.isdigit() else None

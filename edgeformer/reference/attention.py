@@ -13,21 +13,25 @@ import numpy as np
 
 
 def attention_ref(q, k, v, key_mask=None, scale=None, causal=False):
-    """softmax(scale * q k^T + mask) v for (B, H, S, dh) arrays; returns float64 (B, H, S, dh)."""
+    """softmax(scale * q k^T + mask) v; returns float64 (B, H, Sq, dv).
+
+    q (B, H, Sq, dh), k (B, H, Sk, dh), v (B, H, Sk, dv), key_mask (B, Sk) bool (True = real key).
+    """
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
     v = np.asarray(v, dtype=np.float64)
-    B, H, S, dh = q.shape
+    B, H, Sq, dh = q.shape
+    Sk = k.shape[2]
     if scale is None:
         scale = 1.0 / np.sqrt(dh) if dh > 0 else 1.0
-    scores = np.einsum("bhid,bhjd->bhij", q, k) * scale  # (B, H, S, S)
-    allowed = np.ones((B, 1, S, S), dtype=bool)
+    scores = np.einsum("bhid,bhjd->bhij", q, k) * scale  # (B, H, Sq, Sk)
+    allowed = np.ones((B, 1, Sq, Sk), dtype=bool)
     if key_mask is not None:
         allowed &= np.asarray(key_mask, dtype=bool)[:, None, None, :]
     if causal:
-        allowed &= np.tril(np.ones((S, S), dtype=bool))[None, None]
+        allowed &= np.tri(Sq, Sk, dtype=bool)[None, None]  # key j <= query i
     scores = np.where(allowed, scores, -np.inf)
-    row_max = scores.max(axis=-1, keepdims=True) if S > 0 else np.zeros((B, H, S, 1))
+    row_max = scores.max(axis=-1, keepdims=True) if Sk > 0 else np.zeros((B, H, Sq, 1))
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)  # fully masked rows
     p = np.where(allowed, np.exp(scores - row_max), 0.0)
     denom = p.sum(axis=-1, keepdims=True)

@@ -1,0 +1,311 @@
+"""Scalar math helpers (exp, erf, tanh, GELU, ReLU) and the `activation` kernel.
+
+Oracles: float64 NumPy / math.erf(c) in edgeformer.reference.activation, and PyTorch.
+"""
+import math
+import platform
+import re
+
+import numba
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edgeformer.kernels import mathfn
+from edgeformer.kernels._jit import kernel
+from edgeformer.kernels.linear import activation
+from edgeformer.kernels.mathfn import (ACT_GELU_ERF, ACT_GELU_TANH, ACT_NONE, ACT_RELU, apply_act, erf_f32, exp_f32,
+                                       gelu_erf, gelu_tanh, relu, tanh_f32)
+from edgeformer.reference import activation as ref
+
+FLT_MIN = float(np.finfo(np.float32).tiny)
+FLT_MAX = float(np.finfo(np.float32).max)
+F32 = np.float32
+SPECIAL = np.array([np.nan, np.inf, -np.inf, 1e30, -1e30, 3e38, -3e38, 0.0, -0.0, 1e-40, -1e-40, 1e-45, -1e-45,
+                    FLT_MIN, -FLT_MIN, 1e-20, -1e-20, 1.0, -1.0, 88.72, 88.73, -87.3, -87.4, -103.9, -200.0],
+                   dtype=F32)
+
+FN_EXP, FN_ERF, FN_TANH, FN_RELU, FN_GELU_ERF, FN_GELU_TANH = range(6)
+ORACLE = {FN_EXP: ref.exp_ref, FN_ERF: ref.erf_ref, FN_TANH: ref.tanh_ref, FN_RELU: ref.relu,
+          FN_GELU_ERF: ref.gelu_erf, FN_GELU_TANH: ref.gelu_tanh}
+
+
+@kernel
+def _map(fn, x, out):
+    """out = f(x) elementwise for the helper selected by `fn` (one compiled test kernel)."""
+    n = x.shape[0]
+    if fn == FN_EXP:
+        for i in range(n):
+            out[i] = exp_f32(x[i])
+    elif fn == FN_ERF:
+        for i in range(n):
+            out[i] = erf_f32(x[i])
+    elif fn == FN_TANH:
+        for i in range(n):
+            out[i] = tanh_f32(x[i])
+    elif fn == FN_RELU:
+        for i in range(n):
+            out[i] = relu(x[i])
+    elif fn == FN_GELU_ERF:
+        for i in range(n):
+            out[i] = gelu_erf(x[i])
+    else:
+        for i in range(n):
+            out[i] = gelu_tanh(x[i])
+
+
+@kernel
+def _apply(x, act, out):
+    for i in range(x.shape[0]):
+        out[i] = apply_act(x[i], act)
+
+
+def run(fn, x):
+    x = np.ascontiguousarray(x, dtype=F32)
+    out = np.empty_like(x)
+    _map(fn, x, out)
+    return out
+
+
+def errors(y, r):
+    """(absolute error, relative error) of float32 results y against float64 r, ignoring inf == inf."""
+    y = y.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ae = np.where(y == r, 0.0, np.abs(y - r))
+        re_ = np.where(ae == 0, 0.0, ae / np.abs(r))
+    return ae, re_
+
+
+def random_finite_floats(n, seed):
+    bits = np.random.default_rng(seed).integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(F32)
+    return x[np.isfinite(x)]
+
+
+DENSE = {
+    FN_EXP: np.linspace(-90.0, 89.0, 400_001, dtype=F32),
+    FN_ERF: np.linspace(-6.0, 6.0, 400_001, dtype=F32),
+    FN_TANH: np.linspace(-12.0, 12.0, 400_001, dtype=F32),
+    FN_GELU_ERF: np.linspace(-12.0, 12.0, 400_001, dtype=F32),
+    FN_GELU_TANH: np.linspace(-12.0, 12.0, 400_001, dtype=F32),
+}
+
+
+# ---- accuracy against float64 -----------------------------------------------------------------------
+
+def test_exp_accuracy():
+    for x in (DENSE[FN_EXP], random_finite_floats(300_000, 1), np.linspace(-1e-3, 1e-3, 20_001, dtype=F32)):
+        y, r = run(FN_EXP, x), ref.exp_ref(x)
+        ae, re_ = errors(y, r)
+        normal = (r >= FLT_MIN) & (r <= FLT_MAX)
+        assert re_[normal].max() <= 1.5e-7, re_[normal].max()
+        assert np.all(y[r > FLT_MAX] == np.inf)
+        # results below FLT_MIN are flushed to zero (documented): absolute error below FLT_MIN
+        assert np.all(y[r < FLT_MIN] <= FLT_MIN) and np.all(y >= 0)
+
+
+def test_erf_accuracy():
+    for x in (DENSE[FN_ERF], random_finite_floats(300_000, 2)):
+        y, r = run(FN_ERF, x), ref.erf_ref(x)
+        ae, re_ = errors(y, r)
+        assert ae.max() <= 2e-7, ae.max()
+        normal = np.abs(x) >= FLT_MIN  # tiny x: erf(x) = 2x/sqrt(pi) must stay relatively accurate
+        assert re_[normal & (np.abs(x) < 1)].max() <= 3e-7
+        assert np.all(np.abs(y) <= 1)
+
+
+def test_tanh_accuracy():
+    for x in (DENSE[FN_TANH], random_finite_floats(300_000, 3), np.linspace(-1e-3, 1e-3, 20_001, dtype=F32)):
+        y, r = run(FN_TANH, x), ref.tanh_ref(x)
+        ae, re_ = errors(y, r)
+        assert ae.max() <= 1.5e-7, ae.max()
+        normal = np.abs(x) >= FLT_MIN
+        assert re_[normal].max() <= 2.5e-7, re_[normal].max()
+        assert np.all(np.abs(y) <= 1)
+
+
+@pytest.mark.parametrize("fn", [FN_GELU_ERF, FN_GELU_TANH])
+def test_gelu_accuracy(fn):
+    for x in (DENSE[fn], random_finite_floats(300_000, 4 + fn)):
+        y, r = run(fn, x), ORACLE[fn](x)
+        ae, re_ = errors(y, r)
+        # within ~1 ulp of the result in the body, and relatively accurate in the negative tail
+        assert np.all(ae <= 2e-7 + 1.5e-7 * np.abs(r)), (ae - 1.5e-7 * np.abs(r)).max()
+        tail = (np.abs(r) >= 1e-30) & (x < 0)
+        assert re_[tail].max() <= 1e-4, re_[tail].max()
+        assert np.all(np.abs(y[np.abs(r) < 1e-30]) <= 1e-30)  # far tail: flushed towards 0, never garbage
+
+
+def test_relu_exact():
+    x = np.concatenate([random_finite_floats(100_000, 9), SPECIAL])
+    y = run(FN_RELU, x)
+    np.testing.assert_array_equal(y, ref.relu(x).astype(F32))
+    assert np.all(np.signbit(y[x == 0]) == np.signbit(x[x == 0]))  # -0.0 stays -0.0 (torch.relu does too)
+
+
+# ---- special values ---------------------------------------------------------------------------------
+
+def test_special_values():
+    x = SPECIAL
+    nan = np.isnan(x)
+    for fn in (FN_EXP, FN_ERF, FN_TANH, FN_RELU, FN_GELU_ERF, FN_GELU_TANH):
+        y = run(fn, x)
+        assert np.all(np.isnan(y[nan])), fn  # NaN propagates
+        assert np.all(np.isnan(y) == nan | ((fn in (FN_GELU_ERF, FN_GELU_TANH)) & (x == -np.inf))), fn
+    e = run(FN_EXP, x)
+    assert e[x == np.inf][0] == np.inf and e[x == -np.inf][0] == 0.0 and e[x == 1e30][0] == np.inf
+    assert e[x == -1e30][0] == 0.0 and np.all(e[x == 0] == 1.0) and np.all(e[np.abs(x) <= 1e-20] == 1.0)
+    for fn in (FN_ERF, FN_TANH):
+        y = run(fn, x)
+        assert y[x == np.inf][0] == 1.0 and y[x == -np.inf][0] == -1.0
+        assert y[x == 1e30][0] == 1.0 and y[x == -1e30][0] == -1.0
+    for fn in (FN_ERF, FN_TANH, FN_GELU_ERF, FN_GELU_TANH):
+        y = run(fn, x)
+        zero = x == 0
+        assert np.all(y[zero] == 0) and np.all(np.signbit(y[zero]) == np.signbit(x[zero])), fn  # -0.0 kept
+        tiny = (np.abs(x) < 1e-30) & (x != 0)
+        rounds_to_zero = np.abs(ORACLE[fn](x[tiny])) < 0.75e-45  # e.g. gelu(1e-45) = 0.7e-45 -> 0
+        assert np.all((np.sign(y[tiny]) == np.sign(x[tiny])) | rounds_to_zero), fn
+    t = run(FN_TANH, x)
+    tiny = np.abs(x) < 1e-20
+    np.testing.assert_array_equal(t[tiny], x[tiny])  # tanh(x) = x for tiny and denormal x
+    for fn in (FN_GELU_ERF, FN_GELU_TANH):
+        y = run(fn, x)
+        assert y[x == np.inf][0] == np.inf and y[x == 1e30][0] == F32(1e30) and y[x == 3e38][0] == F32(3e38)
+        assert y[x == -1e30][0] == 0.0 and y[x == -3e38][0] == 0.0 and y[x == -200][0] == 0.0
+
+
+# ---- against PyTorch --------------------------------------------------------------------------------
+
+def test_against_torch():
+    x = np.concatenate([np.linspace(-20, 20, 200_001, dtype=F32), random_finite_floats(50_000, 11), SPECIAL])
+    finite = np.isfinite(x)
+    t = torch.from_numpy(x)
+    cases = [(FN_EXP, torch.exp(t), "rel"), (FN_ERF, torch.erf(t), "abs"), (FN_TANH, torch.tanh(t), "abs"),
+             (FN_RELU, torch.relu(t), "abs"), (FN_GELU_ERF, F.gelu(t, approximate="none"), "abs"),
+             (FN_GELU_TANH, F.gelu(t, approximate="tanh"), "abs")]
+    for fn, expected, kind in cases:
+        y, e = run(fn, x)[finite], expected.numpy()[finite]
+        both_inf = np.isinf(y) & (y == e)
+        with np.errstate(invalid="ignore"):
+            diff = np.where(both_inf, 0.0, np.abs(y.astype(np.float64) - e))
+        if kind == "rel":
+            ok = (diff <= 1e-6 * np.abs(e)) | (np.abs(e) < FLT_MIN)
+        else:
+            ok = diff <= 2e-6 * np.maximum(1.0, np.abs(e))  # torch's vectorised GELU is off by up to 1.2e-6
+        assert ok.all(), (fn, x[finite][~ok][:5], y[~ok][:5], e[~ok][:5])
+
+
+# ---- apply_act and the activation kernel ------------------------------------------------------------
+
+def test_apply_act_codes():
+    assert (ACT_NONE, ACT_RELU, ACT_GELU_ERF, ACT_GELU_TANH) == (0, 1, 2, 3)
+    assert mathfn.ACT_CODES["gelu"] == ACT_GELU_ERF
+    x = np.linspace(-6, 6, 10_001, dtype=F32)
+    for act in range(4):
+        out = np.empty_like(x)
+        _apply(x, act, out)
+        r = ref.activation_ref(x, act)
+        np.testing.assert_allclose(out, r, rtol=2e-7, atol=2e-7)
+
+
+sizes = st.sampled_from([1, 2, 3, 7, 16, 33, 64, 385])
+
+
+@st.composite
+def activation_case(draw):
+    rows = draw(st.integers(1, 9))
+    n = draw(sizes)
+    r0 = draw(st.integers(0, rows))
+    r1 = draw(st.integers(r0, rows))
+    scale = draw(st.sampled_from([1.0, 4.0, 30.0, 1e4]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    x = (np.random.default_rng(seed).standard_normal((rows, n)) * scale).astype(F32)
+    if draw(st.booleans()):  # sprinkle extreme values
+        flat = x.reshape(-1)
+        picks = draw(st.lists(st.integers(0, flat.size - 1), max_size=4))
+        specials = draw(st.lists(st.sampled_from([0.0, -0.0, 1e30, -1e30, 1e-40, np.nan]), min_size=4, max_size=4))
+        flat[picks] = specials[: len(picks)]
+    return x, r0, r1, draw(st.integers(0, 3)), draw(st.booleans())
+
+
+@given(activation_case())
+def test_activation_kernel(case):
+    x, r0, r1, act, inplace = case
+    sentinel = F32(123.25)
+    if inplace:
+        out = x.copy()
+        activation(out, act, out, r0, r1)
+    else:
+        out = np.full_like(x, sentinel)
+        activation(x, act, out, r0, r1)
+    expect = ref.activation_ref(x[r0:r1], act)
+    got = out[r0:r1].astype(np.float64)
+    both_inf = np.isinf(got) & (got == expect)
+    diff = np.where(both_inf, 0.0, np.abs(got - expect))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expect))
+    finite = ~np.isnan(expect)
+    assert np.all(diff[finite] <= 2e-7 + 2e-7 * np.abs(expect[finite]))
+    # untouched rows
+    untouched = np.ones(len(x), bool)
+    untouched[r0:r1] = False
+    if inplace:
+        np.testing.assert_array_equal(out[untouched], x[untouched])
+    else:
+        assert np.all(out[untouched] == sentinel)
+    # torch agrees on the finite part
+    tx = torch.from_numpy(x[r0:r1].copy())
+    tref = {0: tx, 1: torch.relu(tx), 2: F.gelu(tx), 3: F.gelu(tx, approximate="tanh")}[act].numpy()
+    fin = np.isfinite(x[r0:r1]) & np.isfinite(tref)
+    np.testing.assert_allclose(out[r0:r1][fin], tref[fin], rtol=1e-6, atol=1e-6)
+
+
+# ---- vectorisation ----------------------------------------------------------------------------------
+
+def _fresh_asm(dispatcher, *args):
+    """Compile an uncached copy (cached code cannot be inspected) and return its assembly."""
+    if isinstance(dispatcher, numba.core.registry.CPUDispatcher):
+        opts = {k: v for k, v in dispatcher.targetoptions.items() if k not in ("cache", "nopython")}
+        clone = numba.njit(**opts)(dispatcher.py_func)
+    else:  # a plain function: the options every kernel uses
+        clone = numba.njit(nogil=True, error_model="numpy")(dispatcher)
+    clone(*args)
+    return clone.inspect_asm(clone.signatures[0])
+
+
+PACKED = re.compile(r"\bv(?:mul|fmadd\d*|fnmadd\d*|div|add)ps\s[^\n]*%[yz]mm")
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 assembly check")
+@pytest.mark.parametrize("fn", ["exp_f32", "erf_f32", "tanh_f32", "gelu_erf", "gelu_tanh"])
+def test_helpers_vectorise(fn):
+    f = getattr(mathfn, fn)
+
+    def loop(x, out):
+        for i in range(x.shape[0]):
+            out[i] = f(x[i])
+
+    x = np.ones(64, F32)
+    asm = _fresh_asm(loop, x, np.empty_like(x))
+    assert PACKED.search(asm), f"{fn}: no packed ymm/zmm float arithmetic in the loop"
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 assembly check")
+def test_activation_kernel_vectorises():
+    x = np.ones((2, 64), F32)
+    asm = _fresh_asm(activation, x, ACT_GELU_ERF, np.empty_like(x), 0, 2)
+    assert re.search(r"\bvdivps\s[^\n]*%[yz]mm", asm)  # GELU's division runs on full vectors
+    assert re.search(r"\bvmaxps\s[^\n]*%[yz]mm|\bvcmp\w*ps\s[^\n]*%[yz]mm", asm)  # ReLU
+
+
+def test_math_constants_are_float32():
+    """A float64 constant would silently promote the helpers to float64 (and halve their width)."""
+    for name in dir(mathfn):
+        if name.startswith("_") and name[1:2].isupper():
+            v = getattr(mathfn, name)
+            if isinstance(v, (float, np.floating)):
+                assert isinstance(v, np.float32), name
+    assert math.isclose(float(mathfn._LOG2E), 1 / math.log(2), rel_tol=1e-7)
