@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """all-MiniLM-L6-v2: edgeformer against ONNX Runtime fp32 and PyTorch eager on this machine.
 
-    python bench/minilm.py                      # full run (about 12-15 min on the 2-vCPU VM)
+    python bench/minilm.py                      # full run (about 6-7 min on the 2-vCPU VM; --rounds 3: ~14 min)
     python bench/minilm.py --quick              # smoke run, numbers are noise
     python bench/minilm.py --threads 1 --shapes 1x16,1x128 --skip-cold --skip-rss --rounds 3
 
@@ -83,6 +83,8 @@ def thread_env(threads: int, base: dict | None = None) -> dict:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env["TOKENIZERS_PARALLELISM"] = "false"
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     return env
 
@@ -220,6 +222,9 @@ def time_cell(fn, warmup_runs, warmup_time, repeat, min_time, max_runs=2000) -> 
 # ----------------------------------------------------------------------------------------------
 def worker_prepare(args) -> dict:
     """Convert the checkpoint to an edgeformer file (every run) and export the ONNX baseline (cached)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")  # the TorchScript exporter's Tracer/Deprecation warnings are expected
     from converters.hf import convert_hf_directory
     from edgeformer._cache import kernel_source_hash
     from edgeformer.bench_baselines import export_onnx
@@ -352,7 +357,21 @@ def worker_rss(args) -> dict:
         except OSError:
             return None
 
-    engine = _make_engines([args.engines], args.threads_n, args.model_file, args.onnx_file, args.source)[args.engines]
+    if args.engines == "ort":  # standalone, so that importing edgeformer (numba) does not count against ORT
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = args.threads_n
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(args.onnx_file, opts, providers=["CPUExecutionProvider"])
+
+        def engine(feeds):
+            return session.run(None, feeds)[0]
+    else:
+        engine = _make_engines([args.engines], args.threads_n, args.model_file, args.onnx_file,
+                               args.source)[args.engines]
     after_load = vm("VmRSS")
     pool, special = ordinary_ids(Path(args.source))
     feeds = make_feeds(1, 128, pool, special, np.random.default_rng(args.seed))
@@ -675,7 +694,7 @@ def markdown(report: dict) -> str:
         noisy = [c for c in lat["cells"] if any((f or 0) >= 0.15 for f in c["foreign_cpu"])]
         if noisy:
             lines.append(f"{len(noisy)} cell(s) ran while other processes used >= 0.15 core (foreign_cpu in the JSON): "
-                         + ", ".join(f"{c['engine']} {c['threads']}t {c['shape']}{' ' + c.get('variant', '')}"
+                         + ", ".join(f"{c['engine']} {c['threads']}t {c['shape']}" + (f" {c['variant']}" if c.get("variant") else "")
                                      for c in noisy[:12]) + ("..." if len(noisy) > 12 else ""))
             lines.append("")
         if lat["padding"]:

@@ -7,6 +7,7 @@ and unpacks the outputs. A Model is immutable after load and safe to share betwe
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -94,7 +95,8 @@ class Model:
         return int(value) if value and value.isdigit() else None
 
     # -- running --------------------------------------------------------------------------
-    def run(self, feeds: Mapping[str, np.ndarray], outputs=None) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray], outputs=None, profile: dict | None = None) -> dict[str, np.ndarray]:
+        """Run the graph. ``profile``, if given, accumulates seconds per op label (e.g. "linear[fp32]")."""
         arrays = self._check_feeds(feeds)
         wanted = self._check_outputs(outputs)
         ids = arrays["input_ids"]
@@ -104,7 +106,13 @@ class Model:
             if name not in env:  # an optional id input that was not fed (token_type_ids): all zeros
                 env[name] = np.zeros(batch.num_tokens, dtype=np.int64)
         for index, (node, step) in enumerate(self._steps):
-            results = step([env[v] for v in node.inputs], batch, self._workers)
+            if profile is None:
+                results = step([env[v] for v in node.inputs], batch, self._workers)
+            else:
+                start = time.perf_counter()
+                results = step([env[v] for v in node.inputs], batch, self._workers)
+                label = _label(node)
+                profile[label] = profile.get(label, 0.0) + time.perf_counter() - start
             for value, result in zip(node.outputs, results):
                 env[value] = result
             for value in node.inputs:
@@ -202,6 +210,14 @@ class Model:
 
     def close(self) -> None:
         self._workers.close()
+
+
+def _label(node) -> str:
+    if node.op == "linear":
+        return f"linear[{node.attrs.get('format', 'fp32')}]"
+    if node.op == "attention":
+        return f"attention[{node.attrs.get('kind', 'softmax')}]"
+    return node.op
 
 
 def load(path, threads: int | None = None) -> Model:

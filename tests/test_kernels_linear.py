@@ -61,7 +61,8 @@ dims = st.sampled_from([1, 2, 3, 7, 16, 33, 64, 385])
 
 @st.composite
 def linear_case(draw):
-    t = draw(st.one_of(st.integers(1, 9), st.sampled_from([ROW_BLOCK - 1, ROW_BLOCK, ROW_BLOCK + 3, 2 * ROW_BLOCK + 5])))
+    around_blocks = [ROW_BLOCK - 1, ROW_BLOCK, ROW_BLOCK + 3, 2 * ROW_BLOCK + 5]
+    t = draw(st.one_of(st.integers(1, 9), st.sampled_from(around_blocks)))
     k = draw(dims)
     n = draw(dims)
     r0 = draw(st.integers(0, t))

@@ -18,6 +18,7 @@ Measured accuracy (float32 inputs, against float64 math; tests/test_kernels_math
     gelu_erf   max absolute error 4e-7 on |x| < 8 (<= 1 ulp of the result), relative-accurate tail
                down to |result| ~1e-35 (flushed to -0 below)
     gelu_tanh  max absolute error 5e-7 on |x| < 8 (~1 ulp of the result), relative-accurate tail
+               down to |result| ~1e-37 (flushed to -0 below, x < ~-10)
 Special values: NaN -> NaN everywhere; exp(+-inf) = inf, 0; erf/tanh(+-inf) = +-1; gelu(+inf) = inf,
 gelu(-inf) = NaN (as torch's tanh GELU; x * Phi(x) is -inf * 0); -0.0 keeps its sign.
 """
