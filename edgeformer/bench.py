@@ -26,7 +26,8 @@ def add_arguments(p) -> None:
 
 
 def random_feeds(batch: int, seq: int, vocab: int, rng, pad_fraction: float = 0.0) -> dict[str, np.ndarray]:
-    ids = rng.integers(1000, min(vocab, 29000), size=(batch, seq), dtype=np.int64)  # (B, S)
+    low, high = (1000, min(vocab, 29000)) if vocab > 2000 else (1, vocab)  # ordinary word pieces of a BERT vocab
+    ids = rng.integers(low, high, size=(batch, seq), dtype=np.int64)  # (B, S)
     mask = np.ones((batch, seq), dtype=np.int64)  # (B, S)
     if pad_fraction > 0:
         lengths = np.maximum(1, (seq * (1 - pad_fraction) * rng.uniform(0.5, 1.5, batch)).astype(int).clip(1, seq))

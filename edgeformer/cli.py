@@ -61,7 +61,8 @@ def cmd_run(args) -> int:
     for name, value in outputs.items():
         print(f"{name}: shape {list(value.shape)} {value.dtype}")
         print(np.array2string(value.reshape(-1, value.shape[-1])[:4, :8], precision=4, suppress_small=True))
-    print(f"latency {elapsed * 1e3:.2f} ms ({model.threads} threads)")
+    print(f"latency {elapsed * 1e3:.2f} ms ({model.threads} threads; a first run includes loading the "
+          f"kernels from the Numba cache, see `edgeformer bench` for steady-state figures)")
     return 0
 
 

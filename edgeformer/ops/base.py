@@ -5,12 +5,14 @@ import numpy as np
 
 from edgeformer.errors import GraphError
 
-# Zero-size stand-ins for absent optional arrays: kernels get one specialisation each.
+# Zero-size stand-ins for absent optional arrays, so that each kernel has one specialisation: Numba
+# types read-only and writable arrays differently, so a stand-in for a weight (bias, tables) is
+# read-only like the weights from the mmap, and a stand-in for an activation (residual, token types)
+# is writable like the activations. Zero-size arrays cannot be written anyway.
 NO_VECTOR = np.zeros(0, dtype=np.float32)
+NO_VECTOR.setflags(write=False)
 NO_MATRIX = np.zeros((0, 0), dtype=np.float32)
 NO_IDS = np.zeros(0, dtype=np.int64)
-for _a in (NO_VECTOR, NO_MATRIX, NO_IDS):
-    _a.setflags(write=False)
 NO_TABLE_CACHE: dict[int, np.ndarray] = {}
 
 
