@@ -39,6 +39,9 @@ class Model:
         self._types = validate(graph, model_file.tensors, REGISTRY)
         self._steps = []
         for node in graph.nodes:
+            for role in getattr(REGISTRY[node.op], "gathered_weights", ()):
+                if role in node.weights:
+                    model_file.advise_random(node.weights[role])
             weights = {role: model_file.tensors[t] for role, t in node.weights.items()}
             self._steps.append((node, REGISTRY[node.op].bind(node, weights)))
         self._last_use = last_uses(graph)

@@ -14,6 +14,7 @@ from edgeformer.ops.base import NO_IDS, attr, inputs_count, no_table, same_width
 
 class Embedding:
     op = "embedding"
+    gathered_weights = ("word",)  # read at random rows: the session advises the kernel (MADV_RANDOM)
 
     @staticmethod
     def _tables(node, weights):
