@@ -11,6 +11,7 @@ import numpy as np
 
 from converters.registry import register_loader
 from edgeformer.errors import EdgeformerError
+from edgeformer.kernels.gemm_f32 import pack_weight
 
 HIDDEN_ACT = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
               "gelu_fast": "gelu_tanh", "relu": "relu"}
@@ -25,13 +26,19 @@ def _ln(ckpt, name, width, tensors):
     return {"gamma": f"{name}.weight", "beta": f"{name}.bias"}
 
 
-def _linear(ckpt, name, shape, tensors):
-    tensors[f"{name}.weight"] = ckpt.get(f"{name}.weight", shape)
-    weights = {"weight": f"{name}.weight"}
-    if ckpt.has(f"{name}.bias"):
-        tensors[f"{name}.bias"] = ckpt.get(f"{name}.bias", (shape[0],))
+def packed_linear(tensors, name, w, b=None):
+    """Store a dense (N, K) weight pre-packed for the fp32 GEMM kernel; return (weights, attrs) of the node."""
+    tensors[f"{name}.weight_packed"] = pack_weight(w)
+    weights = {"weight_packed": f"{name}.weight_packed"}
+    if b is not None:
+        tensors[f"{name}.bias"] = b
         weights["bias"] = f"{name}.bias"
-    return weights
+    return weights, {"format": "fp32", "out_features": int(w.shape[0])}
+
+
+def _linear(ckpt, name, shape, tensors):
+    bias = ckpt.get(f"{name}.bias", (shape[0],)) if ckpt.has(f"{name}.bias") else None
+    return packed_linear(tensors, name, ckpt.get(f"{name}.weight", shape), bias)
 
 
 @register_loader("bert")
@@ -69,23 +76,20 @@ def load_bert(config: dict, ckpt, builder) -> dict[str, np.ndarray]:
                     {"eps": eps})
     for i in range(layers):
         p = f"encoder.layer.{i}"
-        qkv_w = np.concatenate([ckpt.get(f"{p}.attention.self.{n}.weight", (d, d)) for n in ("query", "key", "value")])
-        tensors[f"{p}.attention.qkv.weight"] = qkv_w  # (3d, d)
-        qkv_weights = {"weight": f"{p}.attention.qkv.weight"}
-        if ckpt.has(f"{p}.attention.self.query.bias"):
-            tensors[f"{p}.attention.qkv.bias"] = np.concatenate(
-                [ckpt.get(f"{p}.attention.self.{n}.bias", (d,)) for n in ("query", "key", "value")])
-            qkv_weights["bias"] = f"{p}.attention.qkv.bias"
-        qkv = builder.add("linear", f"{p}.attention.qkv", [h], qkv_weights)
+        names = ("query", "key", "value")
+        qkv_w = np.concatenate([ckpt.get(f"{p}.attention.self.{n}.weight", (d, d)) for n in names])  # (3d, d)
+        qkv_b = np.concatenate([ckpt.get(f"{p}.attention.self.{n}.bias", (d,)) for n in names]) \
+            if ckpt.has(f"{p}.attention.self.query.bias") else None  # (3d,)
+        qkv = builder.add("linear", f"{p}.attention.qkv", [h], *packed_linear(tensors, f"{p}.attention.qkv", qkv_w, qkv_b))
         ctx = builder.add("attention", f"{p}.attention", [qkv], attrs={
             "kind": "softmax", "num_heads": heads, "head_dim": head_dim, "scale": 1.0 / math.sqrt(head_dim)})
         a = builder.add("linear", f"{p}.attention.output.dense", [ctx, h],
-                        _linear(ckpt, f"{p}.attention.output.dense", (d, d), tensors))
+                        *_linear(ckpt, f"{p}.attention.output.dense", (d, d), tensors))
         h1 = builder.add("layer_norm", f"{p}.attention.output.LayerNorm", [a],
                          _ln(ckpt, f"{p}.attention.output.LayerNorm", d, tensors), {"eps": eps})
-        f = builder.add("linear", f"{p}.intermediate.dense", [h1],
-                        _linear(ckpt, f"{p}.intermediate.dense", (ffn, d), tensors), {"activation": HIDDEN_ACT[act]})
-        o = builder.add("linear", f"{p}.output.dense", [f, h1], _linear(ckpt, f"{p}.output.dense", (d, ffn), tensors))
+        up_weights, up_attrs = _linear(ckpt, f"{p}.intermediate.dense", (ffn, d), tensors)
+        f = builder.add("linear", f"{p}.intermediate.dense", [h1], up_weights, {**up_attrs, "activation": HIDDEN_ACT[act]})
+        o = builder.add("linear", f"{p}.output.dense", [f, h1], *_linear(ckpt, f"{p}.output.dense", (d, ffn), tensors))
         last = i == layers - 1
         h = builder.add("layer_norm", f"{p}.output.LayerNorm", [o], _ln(ckpt, f"{p}.output.LayerNorm", d, tensors),
                         {"eps": eps}, output="last_hidden_state" if last else None)

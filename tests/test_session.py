@@ -158,7 +158,9 @@ def _rewrite_graph(tiny_path, out, edit):
 @pytest.mark.parametrize("edit, message", [
     (lambda g, t: g["nodes"][3].update(op="conv3d"), "unknown op"),
     (lambda g, t: g["nodes"][2]["weights"].update(weight="nope"), "missing tensor"),
-    (lambda g, t: t.update({"encoder.layer.0.attention.qkv.weight": np.zeros((3, 3), np.float32)}), "width"),
+    (lambda g, t: t.update({"encoder.layer.0.attention.qkv.weight_packed": np.zeros((3, 3, 16), np.float32)}),
+     "weight_packed has shape"),
+    (lambda g, t: g["nodes"][2]["attrs"].update(out_features=200), "weight_packed has shape"),
     (lambda g, t: g["nodes"][3]["attrs"].update(num_heads=7), "qkv width"),
     (lambda g, t: g["nodes"][3]["attrs"].update(kind="magic"), "unknown attention kind"),
     (lambda g, t: g["nodes"][2]["attrs"].update(activation="swish"), "activation"),
@@ -173,3 +175,18 @@ def test_inconsistent_graphs(tiny_path, tmp_path, edit, message):
     bad = _rewrite_graph(tiny_path, tmp_path / "bad.edgeformer", edit)
     with pytest.raises(GraphError, match=message):
         edgeformer.load(bad)
+
+
+def test_plain_weights_are_packed_at_load(tiny_path, tmp_path, model):
+    from edgeformer.kernels.gemm_f32 import unpack_weight
+
+    def unpack_all(graph, tensors):
+        for node in graph["nodes"]:
+            if node["op"] == "linear":
+                packed = node["weights"].pop("weight_packed")
+                tensors[packed.replace("_packed", "")] = unpack_weight(tensors.pop(packed), node["attrs"].pop("out_features"))
+                node["weights"]["weight"] = packed.replace("_packed", "")
+
+    plain = edgeformer.load(_rewrite_graph(tiny_path, tmp_path / "plain.edgeformer", unpack_all), threads=2)
+    feeds = {"input_ids": ids(3, 9)}
+    np.testing.assert_array_equal(plain.run(feeds)["last_hidden_state"], model.run(feeds)["last_hidden_state"])

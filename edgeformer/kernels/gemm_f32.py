@@ -9,18 +9,23 @@ call (per block of up to MC rows), so no per-call weight re-packing as in BLAS.
 
 Micro-kernel (`_micro`): an `@numba.extending.intrinsic` emitting portable LLVM IR (numba.md §1):
 MR rows x NP panels (NP*NR columns) of <NR x float> accumulators held in registers across the whole K
-loop; each k loads NP contiguous panel rows, broadcasts MR values of x and issues MR*NP `llvm.fma`
-vector FMAs. LLVM lowers <16 x float> to one zmm (AVX-512), two ymm (AVX2) or four q registers (NEON);
-no target-specific intrinsic is used, so this compiles for any CPU. Only the register budget depends
+loop; each k loads NP contiguous panel rows, broadcasts MR values of x and issues MR*NP `llvm.fmuladd`
+vector FMAs (fmuladd, not llvm.fma: without FMA hardware, e.g. generic x86-64, llvm.fma becomes an exact
+libm fmaf call per lane, 1.5 GFLOP/s; fmuladd falls back to mul + add, 28 GFLOP/s with SSE).
+LLVM lowers <16 x float> to one zmm (AVX-512), two ymm (AVX2) or four q registers (NEON); no
+target-specific intrinsic is used, so this compiles for any CPU. Only the register budget depends
 on the target, so MR/NP are chosen from the host features (performance only, never correctness).
 The x rows of a block are first packed k-major ((K, MR) per row block) so the kernel reads one
-sequential stream of x instead of MR strided ones. The accumulators are stored to a small scratch
-tile, and the epilogue (bias, activation with the mathfn helpers, residual) runs on that tile while it
-sits in L1, writing only the columns < N.
+sequential stream of x instead of MR strided ones. Epilogue: bias and residual are added to the
+accumulators in the micro-kernel (vector adds), which stores the tile straight into `out`; only with an
+activation, or for the last panel group when N is not a multiple of NR*NP, is the tile stored to a small
+scratch, finished with the scalar mathfn helpers while it sits in L1, and copied out (columns < N only).
 
 Loop order (see `linear_packed_f32`): row chunks of MC rows (x chunk packed, kept in L2) > panel groups
 of NP panels (weight slivers stream from memory once per chunk) > row blocks of MR rows (the sliver stays
-in L1/L2 and is reused by every row block).
+in L1/L2 and is reused by every row block). The output lines of the next panel group are prefetched for
+writing: a cold output otherwise cost ~8% at M=128 (128 row streams defeat the hardware prefetcher).
+Software prefetch of the next weight sliver was measured and did not pay (-10% at M=16, +1% at M=128).
 """
 import llvmlite.binding as _llb
 import numpy as np
@@ -29,8 +34,8 @@ from numba.core import config as _config
 from numba.core import types
 from numba.extending import intrinsic
 
-from edgeformer.kernels._jit import kernel
-from edgeformer.kernels.mathfn import ACT_GELU_ERF, ACT_GELU_TANH, ACT_RELU, gelu_erf, gelu_tanh, relu
+from edgeformer.kernels._jit import helper, kernel
+from edgeformer.kernels.mathfn import ACT_GELU_ERF, ACT_GELU_TANH, ACT_NONE, ACT_RELU, gelu_erf, gelu_tanh, relu
 
 NR = 16  # panel width (floats): the packed-weight format; fixed, independent of the CPU
 
@@ -80,78 +85,124 @@ def unpack_weight(wp, n_out):
 # ---- micro-kernel -------------------------------------------------------------------------------
 
 def _make_micro(mr, npn):
-    """Intrinsic micro(a, a_off, b, b_off, pstride, k, c): c[mr, npn*NR] = A (k, mr) @ B panels.
+    """Intrinsic micro(a, a_off, b, b_off, pstride, k, bias, bias_off, use_bias, d, d_off, d_stride,
+    res, res_off, res_stride, use_res):
 
-    a: packed x, float32 array; element a[a_off + kk*mr + i] is x[row i, kk].
+        d[d_off + i*d_stride + c] = sum_kk A[kk, i] * B[kk, c] (+ bias[bias_off + c]) (+ res[...])
+
+    for i < mr rows and c < npn*NR columns (a full tile: every column is stored).
+    a: packed x; a[a_off + kk*mr + i] is x[row i, kk].
     b: packed weights; panel j row kk at b[b_off + j*pstride + kk*NR].
-    c: float32 scratch, rows of npn*NR floats starting at c[0]; overwritten.
+    bias / res are read only when use_bias / use_res != 0 (then res[res_off + i*res_stride + c]).
+    d: destination (the output or a scratch tile), any float32 array addressed from its data pointer.
     """
 
     @intrinsic
-    def micro(typingctx, a, a_off, b, b_off, pstride, k, c):
-        sig = types.void(a, types.intp, b, types.intp, types.intp, types.intp, c)
+    def micro(typingctx, a, a_off, b, b_off, pstride, k, bias, bias_off, use_bias, d, d_off, d_stride,
+              res, res_off, res_stride, use_res):
+        ip = types.intp
+        sig = types.void(a, ip, b, ip, ip, ip, bias, ip, ip, d, ip, ip, res, ip, ip, ip)
 
         def codegen(context, builder, signature, args):
-            a_arr = context.make_array(signature.args[0])(context, builder, args[0])
-            b_arr = context.make_array(signature.args[2])(context, builder, args[2])
-            c_arr = context.make_array(signature.args[6])(context, builder, args[6])
+            def data(idx):
+                return context.make_array(signature.args[idx])(context, builder, args[idx]).data
+
+            a_ptr, b_ptr, bias_ptr, d_ptr, res_ptr = data(0), data(2), data(6), data(9), data(12)
             f32 = ir.FloatType()
             i64 = ir.IntType(64)
+            i32 = ir.IntType(32)
             vec = ir.VectorType(f32, NR)
             vptr = vec.as_pointer()
-            i32 = ir.IntType(32)
             zero_mask = ir.Constant(ir.VectorType(i32, NR), [0] * NR)
-            fma = builder.module.declare_intrinsic("llvm.fma", [vec])
-            a_base = builder.gep(a_arr.data, [args[1]])
-            b_base = builder.gep(b_arr.data, [args[3]])
-            pstride_v, k_v = args[4], args[5]
-            b_panels = [builder.gep(b_base, [builder.mul(pstride_v, ir.Constant(i64, j))]) for j in range(npn)]
+            fma_name = f"llvm.fmuladd.v{NR}f32"
+            fma = builder.module.globals.get(fma_name)
+            if fma is None:
+                fma = ir.Function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), fma_name)
+            (a_off, b_off, pstride, k_v, bias_off, use_bias, d_off, d_stride, res_off, res_stride,
+             use_res) = (args[i] for i in (1, 3, 4, 5, 7, 8, 10, 11, 13, 14, 15))
+            a_base = builder.gep(a_ptr, [a_off])
+            b_base = builder.gep(b_ptr, [b_off])
+            b_panels = [builder.gep(b_base, [builder.mul(pstride, ir.Constant(i64, j))]) for j in range(npn)]
 
-            pre = builder.block
+            def c64(v):
+                return ir.Constant(i64, v)
+
+            def vload(ptr, off):
+                return builder.load(builder.bitcast(builder.gep(ptr, [off]), vptr), align=4)
+
             fn = builder.function
-            head = fn.append_basic_block("gemm_k_head")
-            body = fn.append_basic_block("gemm_k_body")
-            done = fn.append_basic_block("gemm_k_done")
+            blk = {name: fn.append_basic_block("gemm_" + name)
+                   for name in ("head", "body", "done", "bias", "epi", "res", "nores", "exit")}
+            pre = builder.block
             zero = ir.Constant(vec, [0.0] * NR)
-            builder.branch(head)
+            builder.branch(blk["head"])
 
-            builder.position_at_end(head)
+            # K loop: accumulators live in phi nodes (registers) for the whole loop
+            builder.position_at_end(blk["head"])
             kk = builder.phi(i64, "kk")
-            kk.add_incoming(ir.Constant(i64, 0), pre)
+            kk.add_incoming(c64(0), pre)
             accs = []
-            for i in range(mr * npn):
+            for _ in range(mr * npn):
                 ph = builder.phi(vec)
                 ph.add_incoming(zero, pre)
                 accs.append(ph)
-            builder.cbranch(builder.icmp_signed("<", kk, k_v), body, done)
+            builder.cbranch(builder.icmp_signed("<", kk, k_v), blk["body"], blk["done"])
 
-            builder.position_at_end(body)
-            boff = builder.mul(kk, ir.Constant(i64, NR))
-            bv = []
-            for j in range(npn):
-                p = builder.bitcast(builder.gep(b_panels[j], [boff]), vptr)
-                bv.append(builder.load(p, align=4))
-            aoff = builder.mul(kk, ir.Constant(i64, mr))
-            arow = builder.gep(a_base, [aoff])
+            builder.position_at_end(blk["body"])
+            boff = builder.mul(kk, c64(NR))
+            bv = [vload(b_panels[j], boff) for j in range(npn)]
+            arow = builder.gep(a_base, [builder.mul(kk, c64(mr))])
             new = []
             for i in range(mr):
-                s = builder.load(builder.gep(arow, [ir.Constant(i64, i)]), align=4)
-                sv = builder.insert_element(ir.Constant(vec, ir.Undefined), s, ir.Constant(i32, 0))
+                sc = builder.load(builder.gep(arow, [c64(i)]), align=4)
+                sv = builder.insert_element(ir.Constant(vec, ir.Undefined), sc, ir.Constant(i32, 0))
                 sv = builder.shuffle_vector(sv, ir.Constant(vec, ir.Undefined), zero_mask)
                 for j in range(npn):
                     new.append(builder.call(fma, [sv, bv[j], accs[i * npn + j]]))
-            nxt = builder.add(kk, ir.Constant(i64, 1))
+            nxt = builder.add(kk, c64(1))
             end = builder.block
-            builder.branch(head)
+            builder.branch(blk["head"])
             kk.add_incoming(nxt, end)
             for ph, v in zip(accs, new):
                 ph.add_incoming(v, end)
 
-            builder.position_at_end(done)
-            for i in range(mr):
-                for j in range(npn):
-                    p = builder.gep(c_arr.data, [ir.Constant(i64, (i * npn + j) * NR)])
-                    builder.store(accs[i * npn + j], builder.bitcast(p, vptr), align=4)
+            # epilogue: + bias (-0.0 is the exact identity of IEEE addition when there is none)
+            builder.position_at_end(blk["done"])
+            builder.cbranch(builder.icmp_signed("!=", use_bias, c64(0)), blk["bias"], blk["epi"])
+            builder.position_at_end(blk["bias"])
+            bias_base = builder.gep(bias_ptr, [bias_off])
+            bias_loaded = [vload(bias_base, c64(j * NR)) for j in range(npn)]
+            builder.branch(blk["epi"])
+            builder.position_at_end(blk["epi"])
+            neg0 = ir.Constant(vec, [-0.0] * NR)
+            bias_v = []
+            for j in range(npn):
+                ph = builder.phi(vec)
+                ph.add_incoming(bias_loaded[j], blk["bias"])
+                ph.add_incoming(neg0, blk["done"])
+                bias_v.append(ph)
+            tile = [builder.fadd(accs[i * npn + j], bias_v[j]) for i in range(mr) for j in range(npn)]
+            builder.cbranch(builder.icmp_signed("!=", use_res, c64(0)), blk["res"], blk["nores"])
+
+            def store_rows(with_res):
+                d_base = builder.gep(d_ptr, [d_off])
+                r_base = builder.gep(res_ptr, [res_off]) if with_res else None
+                for i in range(mr):
+                    d_row = builder.mul(d_stride, c64(i))
+                    r_row = builder.mul(res_stride, c64(i)) if with_res else None
+                    for j in range(npn):
+                        v = tile[i * npn + j]
+                        if with_res:
+                            v = builder.fadd(v, vload(r_base, builder.add(r_row, c64(j * NR))))
+                        p = builder.gep(d_base, [builder.add(d_row, c64(j * NR))])
+                        builder.store(v, builder.bitcast(p, vptr), align=4)
+                builder.branch(blk["exit"])
+
+            builder.position_at_end(blk["res"])
+            store_rows(True)
+            builder.position_at_end(blk["nores"])
+            store_rows(False)
+            builder.position_at_end(blk["exit"])
             return context.get_dummy_value()
 
         return sig, codegen
@@ -159,64 +210,119 @@ def _make_micro(mr, npn):
     return micro
 
 
-_MICROS = {(m, q): _make_micro(m, q) for m in range(1, MR + 1) for q in range(1, NP + 1)}
-# Numba resolves globals by name: one module-level name per variant.
-for (_m, _q), _f in _MICROS.items():
-    globals()[f"_micro_{_m}_{_q}"] = _f
-del _m, _q, _f
+@intrinsic
+def _prefetch(typingctx, a, off, write):
+    """Hint: bring the cache line holding a.flat[off] towards L1 (llvm.prefetch; a no-op where unsupported)."""
+    if not isinstance(write, types.IntegerLiteral):
+        return None
+    rw = write.literal_value
+    sig = types.void(a, types.intp, write)
+
+    def codegen(context, builder, signature, args):
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = builder.module.globals.get("llvm.prefetch.p0")
+        if fn is None:
+            fn = ir.Function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+        ptr = builder.bitcast(builder.gep(arr.data, [args[1]]), i8p)
+        # read, locality 3 (keep in all levels), data cache
+        builder.call(fn, [ptr, ir.Constant(i32, rw), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
-def _dispatch_source():
-    """Source of `_micro(mr, npn, ...)`: an if-chain over the compiled variants (mr, npn literal)."""
-    lines = ["def _micro(mr, npn, a, a_off, b, b_off, pstride, k, c):"]
-    first = True
-    for (m, q) in _MICROS:
-        kw = "if" if first else "elif"
-        first = False
-        lines.append(f"    {kw} mr == {m} and npn == {q}:")
-        lines.append(f"        _micro_{m}_{q}(a, a_off, b, b_off, pstride, k, c)")
-    return "\n".join(lines) + "\n"
+_micro_1_1, _micro_2_1, _micro_3_1, _micro_4_1, _micro_5_1, _micro_6_1 = (_make_micro(m, 1) for m in range(1, 7))
+_micro_1_2, _micro_2_2, _micro_3_2, _micro_4_2, _micro_5_2, _micro_6_2 = (_make_micro(m, 2) for m in range(1, 7))
 
 
-def _build_dispatch():
-    from edgeformer.kernels._jit import helper
-
-    ns = dict(globals())
-    exec(compile(_dispatch_source(), __file__ + ":_micro", "exec"), ns)
-    return helper(ns["_micro"])
-
-
-_micro = _build_dispatch()
+@helper
+def _micro(mr, npn, a, a_off, b, b_off, pstride, k, bias, bias_off, use_bias, d, d_off, d_stride, res, res_off,
+           res_stride, use_res):
+    """Run the (mr, npn) variant: mr in 1..6 rows, npn in 1..2 panels (mr <= MR, npn <= NP)."""
+    if npn == 1 and mr == 1:
+        _micro_1_1(a, a_off, b, b_off, pstride, k, bias, bias_off, use_bias, d, d_off, d_stride, res,
+                   res_off, res_stride, use_res)
+    elif npn == 1 and mr == 2:
+        _micro_2_1(a, a_off, b, b_off, pstride, k, bias, bias_off, use_bias, d, d_off, d_stride, res,
+                   res_off, res_stride, use_res)
+    elif npn == 1 and mr == 3:
+        _micro_3_1(a, a_off, b, b_off, pstride, k, bias, bias_off, use_bias, d, d_off, d_stride, res,
+                   res_off, res_stride, use_res)
+    elif npn == 1 and mr == 4:
+        _micro_4_1(a, a_off, b, b_off, pstride, k, bias, bias_off, use_bias, d, d_off, d_stride, res,
+                   res_off, res_stride, use_res)
+    elif npn == 1 and mr == 5:
+        _micro_5_1(a, a_off, b, b_off, pstride, k, bias, bias_off, use_bias, d, d_off, d_stride, res,
+                   res_off, res_stride, use_res)
+    elif npn == 1 and mr == 6:
+        _micro_6_1(a, a_off, b, b_off, pstride, k, bias, bias_off, use_bias, d, d_off, d_stride, res,
+                   res_off, res_stride, use_res)
+    elif npn == 2 and mr == 1:
+        _micro_1_2(a, a_off, b, b_off, pstride, k, bias, bias_off, use_bias, d, d_off, d_stride, res,
+                   res_off, res_stride, use_res)
+    elif npn == 2 and mr == 2:
+        _micro_2_2(a, a_off, b, b_off, pstride, k, bias, bias_off, use_bias, d, d_off, d_stride, res,
+                   res_off, res_stride, use_res)
+    elif npn == 2 and mr == 3:
+        _micro_3_2(a, a_off, b, b_off, pstride, k, bias, bias_off, use_bias, d, d_off, d_stride, res,
+                   res_off, res_stride, use_res)
+    elif npn == 2 and mr == 4:
+        _micro_4_2(a, a_off, b, b_off, pstride, k, bias, bias_off, use_bias, d, d_off, d_stride, res,
+                   res_off, res_stride, use_res)
+    elif npn == 2 and mr == 5:
+        _micro_5_2(a, a_off, b, b_off, pstride, k, bias, bias_off, use_bias, d, d_off, d_stride, res,
+                   res_off, res_stride, use_res)
+    elif npn == 2 and mr == 6:
+        _micro_6_2(a, a_off, b, b_off, pstride, k, bias, bias_off, use_bias, d, d_off, d_stride, res,
+                   res_off, res_stride, use_res)
 
 
 # ---- driver -------------------------------------------------------------------------------------
+
+@helper
+def _act_inplace(t, n, act):
+    """t[:n] = act(t[:n]) for a contiguous scratch tile."""
+    if act == ACT_RELU:
+        for j in range(n):
+            t[j] = relu(t[j])
+    elif act == ACT_GELU_ERF:
+        for j in range(n):
+            t[j] = gelu_erf(t[j])
+    elif act == ACT_GELU_TANH:
+        for j in range(n):
+            t[j] = gelu_tanh(t[j])
+
 
 @kernel
 def linear_packed_f32(x, wp, n_out, bias, residual, act, out, r0, r1, p0, p1):
     """out[r0:r1, cols of panels p0:p1] = act(x[r0:r1] @ W^T + bias) + residual (columns >= n_out untouched).
 
-    x (T, K) f32 C-contiguous; wp (P, K, NR) f32 from pack_weight; bias (N,) or (0,); residual (T, N)
-    or (0, 0); act an ACT_* code; out (T, N) f32, not aliasing x. Rows and panels outside the ranges
-    are not touched, so callers can split rows and/or panels across threads.
+    x (T, K) f32 C-contiguous; wp (P, K, NR) f32 from pack_weight (read-only); n_out = N; bias (N,) or
+    (0,); residual (T, N) or (0, 0); act an ACT_* code; out (T, N) f32 with unit column stride, not
+    aliasing x. Rows and panels outside the ranges are not touched, so callers can split rows and/or
+    panels across threads. No validation.
     """
     if r1 <= r0 or p1 <= p0:
         return
     k = x.shape[1]
-    nr = wp.shape[2]
-    pstride = k * nr
-    has_bias = bias.shape[0] != 0
+    pstride = k * NR
+    use_bias = 1 if bias.shape[0] != 0 else 0
     has_res = residual.shape[0] != 0
+    ostride = out.strides[0] // 4
+    rstride = residual.strides[0] // 4 if has_res else 0
     mc = _X_BUDGET // (4 * max(k, 1))
-    mc = max(MR, mc - mc % MR)
+    mc = max(MR, mc - mc % MR)  # rows per chunk: the packed x chunk stays in L2
     mc = min(mc, r1 - r0 + MR - 1)
     mc = mc - mc % MR
-    ap = np.empty(mc * k, dtype=np.float32)  # x chunk, k-major per row block of MR rows
-    tile = np.empty(MR * NP * nr, dtype=np.float32)  # accumulators of one micro-kernel call
+    ap = np.empty(mc * k, dtype=np.float32)  # x chunk, (K, mrb) per row block
+    width_max = NP * NR
+    tile = np.empty(MR * width_max, dtype=np.float32)  # scratch tile for activations and the N edge
     wflat = wp.reshape(-1)
     for c0 in range(r0, r1, mc):
         c1 = min(c0 + mc, r1)
-        # pack x[c0:c1] as blocks (K, mrb), mrb = rows in the block
-        for b0 in range(c0, c1, MR):
+        for b0 in range(c0, c1, MR):  # pack x[c0:c1]
             mrb = min(MR, c1 - b0)
             base = (b0 - c0) * k
             for i in range(mrb):
@@ -225,28 +331,46 @@ def linear_packed_f32(x, wp, n_out, bias, residual, act, out, r0, r1, p0, p1):
                     ap[base + kk * mrb + i] = xr[kk]
         for g0 in range(p0, p1, NP):
             npn = min(NP, p1 - g0)
-            col0 = g0 * nr
-            ncol = min(npn * nr, n_out - col0)
-            width = npn * nr
+            width = npn * NR
+            col0 = g0 * NR
+            ncol = min(width, n_out - col0)
+            full = ncol == width
+            # the output lines of the next panel group: prefetched for writing while this group runs
+            # (128 rows x 128 B of a cold output are too many streams for the hardware prefetcher)
+            nxt0 = col0 + width
+            nxt1 = min(min(p1, g0 + npn + NP) * NR, n_out)
             for b0 in range(c0, c1, MR):
                 mrb = min(MR, c1 - b0)
-                _micro(mrb, npn, ap, (b0 - c0) * k, wflat, g0 * pstride, pstride, k, tile)
+                for i in range(mrb):
+                    for q in range(nxt0, nxt1, 16):
+                        _prefetch(out, (b0 + i) * ostride + q, 1)
+                a_off = (b0 - c0) * k
+                b_off = g0 * pstride
+                if full and act == ACT_NONE:  # everything in registers, stored straight to out
+                    if has_res:
+                        _micro(mrb, npn, ap, a_off, wflat, b_off, pstride, k, bias, col0, use_bias,
+                               out, b0 * ostride + col0, ostride, residual, b0 * rstride + col0, rstride, 1)
+                    else:
+                        _micro(mrb, npn, ap, a_off, wflat, b_off, pstride, k, bias, col0, use_bias,
+                               out, b0 * ostride + col0, ostride, out, 0, 0, 0)
+                    continue
+                # activation or the N edge: acc (+ bias) to the tile, then act, + residual, store ncol
+                if full:
+                    _micro(mrb, npn, ap, a_off, wflat, b_off, pstride, k, bias, col0, use_bias,
+                           tile, 0, width, tile, 0, 0, 0)
+                else:  # the bias (N,) cannot be read as full vectors here
+                    _micro(mrb, npn, ap, a_off, wflat, b_off, pstride, k, bias, 0, 0,
+                           tile, 0, width, tile, 0, 0, 0)
+                    if use_bias:
+                        bb = bias[col0:col0 + ncol]
+                        for i in range(mrb):
+                            t = tile[i * width:i * width + ncol]
+                            for j in range(ncol):
+                                t[j] += bb[j]
+                _act_inplace(tile, mrb * width, act)
                 for i in range(mrb):
                     t = tile[i * width:i * width + ncol]
                     o = out[b0 + i, col0:col0 + ncol]
-                    if has_bias:
-                        bb = bias[col0:col0 + ncol]
-                        for j in range(ncol):
-                            t[j] += bb[j]
-                    if act == ACT_RELU:
-                        for j in range(ncol):
-                            t[j] = relu(t[j])
-                    elif act == ACT_GELU_ERF:
-                        for j in range(ncol):
-                            t[j] = gelu_erf(t[j])
-                    elif act == ACT_GELU_TANH:
-                        for j in range(ncol):
-                            t[j] = gelu_tanh(t[j])
                     if has_res:
                         rr = residual[b0 + i, col0:col0 + ncol]
                         for j in range(ncol):

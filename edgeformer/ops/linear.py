@@ -16,8 +16,7 @@ from edgeformer.ops.base import NO_MATRIX, NO_VECTOR, attr, inputs_count, same_w
 ACTIVATIONS = {"none": ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU_ERF, "gelu_tanh": ACT_GELU_TANH}
 FORMATS: dict[str, type] = {}
 
-ROWS_PER_THREAD = 32  # below 2*threads*this many rows, threads split the output columns instead
-COLUMN_ALIGN = 64
+ROWS_PER_THREAD = 32  # below 2*threads*this many rows, threads split the output panels instead
 
 
 def register_format(name: str):
@@ -31,32 +30,51 @@ def register_format(name: str):
 
 @register_format("fp32")
 class Fp32Weights:
-    """Dense float32 weight (N, K) in PyTorch's out x in layout, optional bias (N,); BLAS + fused epilogue."""
+    """Dense float32 weight, pre-packed for kernels/gemm_f32.py, with an optional bias (N,).
+
+    Stored either packed by the converter as ``weight_packed`` (ceil(N/NR), K, NR) with the attribute
+    ``out_features`` = N (zero-copy from the file), or plain as ``weight`` (N, K) in PyTorch's
+    out x in layout, which is packed here at load (one copy).
+    """
 
     def __init__(self, node, weights):
-        self.w = weight(node, weights, "weight", 2)  # (N, K)
+        from edgeformer.kernels.gemm_f32 import NR, pack_weight
+
+        packed = weight(node, weights, "weight_packed", 3, optional=True)
+        if packed is None:
+            plain = weight(node, weights, "weight", 2)  # (N, K)
+            self.wp = pack_weight(plain)  # (P, K, NR)
+            self.wp.setflags(write=False)
+            self.out_features = plain.shape[0]
+        else:
+            self.out_features = attr(node, "out_features", int)
+            if packed.shape[2] != NR or packed.shape[0] != -(-self.out_features // NR) or self.out_features < 1:
+                raise GraphError(f"node {node.name!r}: weight_packed has shape {list(packed.shape)}, expected "
+                                 f"[ceil(out_features / {NR}), in_features, {NR}] with out_features={self.out_features}")
+            self.wp = packed
+        self.in_features = self.wp.shape[1]
         bias = weight(node, weights, "bias", 1, optional=True)
         if bias is not None:
-            same_width(node, "bias", bias.shape[0], self.w.shape[0])
+            same_width(node, "bias", bias.shape[0], self.out_features)
         self.bias = NO_VECTOR if bias is None else bias  # (N,) or (0,)
-        self.in_features, self.out_features = self.w.shape[1], self.w.shape[0]
 
     def __call__(self, x, residual, act, out, workers):
-        from edgeformer.kernels.linear import linear_fp32
+        from edgeformer.kernels.gemm_f32 import NP, linear_packed_f32
 
-        rows, cols = x.shape[0], self.out_features
-        if rows >= 2 * workers.threads * ROWS_PER_THREAD or workers.threads == 1 or cols < 2 * COLUMN_ALIGN:
-            workers.split(_rows, rows, linear_fp32, x, self.w, self.bias, residual, act, out, cols)
+        rows, panels = x.shape[0], self.wp.shape[0]
+        args = (x, self.wp, self.out_features, self.bias, residual, act, out)
+        if rows >= 2 * workers.threads * ROWS_PER_THREAD or workers.threads == 1 or panels < 2 * NP:
+            workers.split(_rows, rows, linear_packed_f32, *args, panels)
         else:
-            workers.split(_cols, cols, linear_fp32, x, self.w, self.bias, residual, act, out, rows, align=COLUMN_ALIGN)
+            workers.split(_panels, panels, linear_packed_f32, *args, rows, align=NP)
 
 
-def _rows(kernel, x, w, bias, residual, act, out, cols, r0, r1):
-    kernel(x, w, bias, residual, act, out, r0, r1, 0, cols)
+def _rows(kernel, x, wp, n, bias, residual, act, out, panels, r0, r1):
+    kernel(x, wp, n, bias, residual, act, out, r0, r1, 0, panels)
 
 
-def _cols(kernel, x, w, bias, residual, act, out, rows, c0, c1):
-    kernel(x, w, bias, residual, act, out, 0, rows, c0, c1)
+def _panels(kernel, x, wp, n, bias, residual, act, out, rows, p0, p1):
+    kernel(x, wp, n, bias, residual, act, out, 0, rows, p0, p1)
 
 
 class Linear:
