@@ -151,7 +151,11 @@ def cmd_info(args) -> int:
     print(f"threads: default {default_threads()} (edgeformer worker pool; BLAS pinned to 1 per worker: "
           f"{'yes' if blas.pin_blas_to_one_thread() else 'library not found'})")
     print(f"numba cache: {os.environ.get('NUMBA_CACHE_DIR') if CACHE_ENABLED else 'disabled (no writable directory)'}")
-    print("kernel paths: linear fp32 = BLAS sgemm + fused epilogue; attention softmax = tiled online softmax")
+    from edgeformer.kernels.gemm_f32 import MR, NP, NR
+
+    print(f"kernel paths: linear fp32 = packed-weight FMA micro-kernel, {MR}x{NP * NR} tiles "
+          f"(<{NR} x float> vectors, LLVM picks the ISA) with fused bias/activation/residual; "
+          "attention softmax = 64x256 tiles, online softmax, BLAS (SciPy) tile products")
     return 0
 
 
