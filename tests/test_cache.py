@@ -7,9 +7,8 @@ import sys
 
 import numpy as np
 
-from converters.hf import convert_hf_directory
 from edgeformer import _cache
-from tests.helpers import save_tiny_bert
+from tests.helpers import write_tiny_bert
 
 SCRIPT = """
 import tempfile, sys
@@ -24,8 +23,7 @@ print("cache", CACHE_ENABLED)
 
 
 def test_runs_without_any_writable_cache_directory(tmp_path):
-    directory = save_tiny_bert(tmp_path / "bert")
-    model_path = convert_hf_directory(directory, tmp_path / "tiny.edgeformer")
+    model_path = write_tiny_bert(tmp_path / "tiny.edgeformer", pooling=None)
     env = dict(os.environ, HOME="/dev/null", XDG_CACHE_HOME="/dev/null/xdg", EDGEFORMER_CACHE_DIR="/dev/null/ef")
     env.pop("NUMBA_CACHE_DIR", None)
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(model_path), str(tmp_path / "out.npy")], env=env,

@@ -9,6 +9,9 @@ import pytest
 from edgeformer.cli import main
 from tests.helpers import save_tiny_bert
 
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):

@@ -1,6 +1,6 @@
 """linear_packed_f32: packed-weight GEMM with fused bias / activation / residual, over row and panel ranges.
 
-Oracles: edgeformer.reference.linear.linear_ref (float64 NumPy) and torch.nn.functional.linear.
+Oracles: edgeformer.reference.linear.linear_ref (float64 NumPy) and torch.nn.functional.linear where installed.
 """
 import platform
 import re
@@ -8,14 +8,13 @@ import re
 import numba
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeformer.kernels.gemm_f32 import MR, NP, NR, linear_packed_f32, pack_weight, unpack_weight
 from edgeformer.kernels.mathfn import ACT_GELU_ERF, ACT_NONE
 from edgeformer.reference.linear import linear_ref
+from tests.optional import F, torch
 
 F32 = np.float32
 NO_BIAS = np.zeros(0, F32)
@@ -132,10 +131,15 @@ def test_linear_packed_matches_torch(t, k, n, act):
     bias = readonly(rng.standard_normal(n))
     residual = rng.standard_normal((t, n)).astype(F32)
     out = run(x, pack_weight(w), n, bias, residual, act, 0, t, 0, n_panels(n))
-    y = F.linear(torch.from_numpy(x), torch.from_numpy(w.copy()), torch.from_numpy(bias.copy()))
-    y = [lambda v: v, F.relu, lambda v: F.gelu(v), lambda v: F.gelu(v, approximate="tanh")][act](y)
-    y = (y + torch.from_numpy(residual)).numpy()
-    np.testing.assert_allclose(out, y, rtol=1e-5 * np.sqrt(k), atol=1e-5 * np.sqrt(k))
+    # the float64 reference always (these fixed model-sized shapes also run where torch is absent)
+    err = np.abs(out.astype(np.float64) - linear_ref(x, w, bias, residual, ACT_NAMES[act]))
+    tol = tolerance(x, w, bias, residual)
+    assert np.all(err <= tol), f"max excess {np.max(err - tol)}"
+    if torch is not None:
+        y = F.linear(torch.from_numpy(x), torch.from_numpy(w.copy()), torch.from_numpy(bias.copy()))
+        y = [lambda v: v, F.relu, lambda v: F.gelu(v), lambda v: F.gelu(v, approximate="tanh")][act](y)
+        y = (y + torch.from_numpy(residual)).numpy()
+        np.testing.assert_allclose(out, y, rtol=1e-5 * np.sqrt(k), atol=1e-5 * np.sqrt(k))
 
 
 def test_split_ranges_compose_to_the_whole():

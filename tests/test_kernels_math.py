@@ -1,6 +1,6 @@
 """Scalar math helpers (exp, erf, tanh, GELU, ReLU) and the `activation` kernel.
 
-Oracles: float64 NumPy / math.erf(c) in edgeformer.reference.activation, and PyTorch.
+Oracles: float64 NumPy / math.erf(c) in edgeformer.reference.activation, and PyTorch where installed.
 """
 import math
 import platform
@@ -9,8 +9,6 @@ import re
 import numba
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,6 +18,7 @@ from edgeformer.kernels.linear import activation
 from edgeformer.kernels.mathfn import (ACT_GELU_ERF, ACT_GELU_TANH, ACT_NONE, ACT_RELU, apply_act, erf_f32, exp_f32,
                                        gelu_erf, gelu_tanh, relu, tanh_f32)
 from edgeformer.reference import activation as ref
+from tests.optional import F, requires_torch, torch
 
 FLT_MIN = float(np.finfo(np.float32).tiny)
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -189,6 +188,7 @@ def test_special_values():
 
 # ---- against PyTorch --------------------------------------------------------------------------------
 
+@requires_torch
 def test_against_torch():
     x = np.concatenate([np.linspace(-20, 20, 200_001, dtype=F32), random_finite_floats(50_000, 11), SPECIAL])
     finite = np.isfinite(x)
@@ -268,10 +268,11 @@ def test_activation_kernel(case):
     else:
         assert np.all(out[untouched] == sentinel)
     # torch agrees on the finite part
-    tx = torch.from_numpy(x[r0:r1].copy())
-    tref = {0: tx, 1: torch.relu(tx), 2: F.gelu(tx), 3: F.gelu(tx, approximate="tanh")}[act].numpy()
-    fin = np.isfinite(x[r0:r1]) & np.isfinite(tref)
-    np.testing.assert_allclose(out[r0:r1][fin], tref[fin], rtol=1e-6, atol=1e-6)
+    if torch is not None:
+        tx = torch.from_numpy(x[r0:r1].copy())
+        tref = {0: tx, 1: torch.relu(tx), 2: F.gelu(tx), 3: F.gelu(tx, approximate="tanh")}[act].numpy()
+        fin = np.isfinite(x[r0:r1]) & np.isfinite(tref)
+        np.testing.assert_allclose(out[r0:r1][fin], tref[fin], rtol=1e-6, atol=1e-6)
 
 
 # ---- vectorisation ----------------------------------------------------------------------------------

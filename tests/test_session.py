@@ -9,19 +9,17 @@ import numpy as np
 import pytest
 
 import edgeformer
-from converters.hf import convert_hf_directory
 from edgeformer import GraphError, InputError, ModelFileError
 from edgeformer.format import read_model, write_model
-from tests.helpers import save_tiny_bert
+from tests.helpers import write_tiny_bert
 
 VOCAB, POSITIONS = 120, 64
 
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    directory = save_tiny_bert(tmp_path_factory.mktemp("bert"), vocab=VOCAB, positions=POSITIONS,
-                               sentence_transformers="mean")
-    return convert_hf_directory(directory, directory / "model.edgeformer")
+    return write_tiny_bert(tmp_path_factory.mktemp("bert") / "model.edgeformer", vocab=VOCAB, positions=POSITIONS,
+                           pooling="mean", normalize=True)
 
 
 @pytest.fixture(scope="module")
