@@ -1,0 +1,142 @@
+"""ONNX encoder export -> edgeformer model file (coarse ops only)."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+from converters.onnx_import.errors import OnnxFormatError, UnsupportedOnnxError, group_problems
+from converters.onnx_import.interpret import ROLES, Interpreter
+from converters.onnx_import.loader import check_structure, initializers, load_onnx
+from converters.onnx_import.values import Bad, Row, Unsupported
+
+INT_TYPES = {6, 7}  # INT32, INT64
+_ALIASES = {"input_ids": ("input_ids", "input", "ids", "input.1", "input_ids:0"),
+            "attention_mask": ("attention_mask", "mask", "input_mask", "attention_mask:0"),
+            "token_type_ids": ("token_type_ids", "segment_ids", "token_type", "token_type_ids:0")}
+
+
+def input_roles(model) -> dict[str, str]:
+    """ONNX graph input name -> role (input_ids / attention_mask / token_type_ids), with dtype checks."""
+    init_names = {t.name for t in model.graph.initializer}
+    roles = {}
+    for inp in model.graph.input:
+        if inp.name in init_names:
+            continue
+        role = next((r for r, names in _ALIASES.items() if inp.name.lower() in names), None)
+        if role is None:
+            raise OnnxFormatError(f"unsupported graph input {inp.name!r}; the importer knows {list(ROLES)} "
+                                  f"(also spelled {sorted({a for v in _ALIASES.values() for a in v})})")
+        if role in roles.values():
+            raise OnnxFormatError(f"two graph inputs for {role}")
+        elem = inp.type.tensor_type.elem_type
+        if elem not in INT_TYPES and not (role == "attention_mask" and elem in (1, 9)):
+            raise OnnxFormatError(f"graph input {inp.name!r} has element type {_type_name(elem)}; "
+                                  f"{role} must be int64 or int32")
+        rank = len(inp.type.tensor_type.shape.dim)
+        if inp.type.tensor_type.HasField("shape") and rank != 2:
+            raise OnnxFormatError(f"graph input {inp.name!r} has rank {rank}; expected (batch, sequence)")
+        roles[inp.name] = role
+    if "input_ids" not in roles.values():
+        raise OnnxFormatError("the graph has no input_ids input")
+    return roles
+
+
+def _type_name(elem: int) -> str:
+    try:
+        import onnx
+
+        return onnx.TensorProto.DataType.Name(elem)
+    except Exception:
+        return str(elem)
+
+
+def build_graph(model, *, outputs: list[str] | None = None):
+    """Interpret the model; returns (graph, tensors, info) or raises UnsupportedOnnxError."""
+    from edgeformer.graph import validate
+    from edgeformer.ops import REGISTRY
+
+    roles = input_roles(model)
+    order = check_structure(model)
+    interp = Interpreter(model, initializers(model), roles)
+    interp.run(order)
+
+    wanted = [o.name for o in model.graph.output] if outputs is None else list(outputs)
+    unknown = [o for o in wanted if o not in {x.name for x in model.graph.output}]
+    if unknown:
+        raise OnnxFormatError(f"unknown outputs {unknown}; the graph has {[o.name for o in model.graph.output]}")
+    produced, failures = {}, {}
+    for name in wanted:
+        value = interp.values.get(name)
+        try:
+            if isinstance(value, Bad):
+                raise Unsupported(value.causes)
+            if not isinstance(value, Row):
+                raise Unsupported([], f"output {name!r} is a {type(value).__name__}, not a token tensor")
+            produced[name] = interp.materialize_row(value)
+        except Unsupported as exc:
+            causes = list(exc.causes)
+            if not causes:
+                causes = [((name, "", "output", 0), str(exc))]
+            failures[name] = causes
+    if failures and (outputs is not None or not produced):
+        raise UnsupportedOnnxError(group_problems([c for cs in failures.values() for c in cs]), list(failures))
+    for name in failures:
+        warnings.warn(f"ONNX output {name!r} cannot be converted and is left out:\n"
+                      f"{UnsupportedOnnxError(group_problems(failures[name]), [name])}", stacklevel=3)
+
+    # graph outputs: the one token output is last_hidden_state; graph values renamed accordingly
+    rename, out_names = {}, {}
+    for onnx_name, value in produced.items():
+        target = "last_hidden_state" if len(produced) == 1 or onnx_name == "last_hidden_state" else onnx_name
+        target = target if target not in rename.values() else f"{target}_{len(rename)}"
+        if value in rename:  # the same value output twice: the runtime needs one name per value
+            raise UnsupportedOnnxError({("", "output", 0): [(onnx_name, "output duplicates another output")]})
+        rename[value] = target
+        out_names[target] = onnx_name
+    b = interp.builder
+    for node in b.nodes:
+        node.inputs = [rename.get(v, v) for v in node.inputs]
+        node.outputs = [rename.get(v, v) for v in node.outputs]
+    needed = set(out_names)
+    kept = []
+    for node in reversed(b.nodes):  # prune nodes no output needs
+        if any(o in needed for o in node.outputs):
+            kept.append(node)
+            needed.update(node.inputs)
+    b.nodes = kept[::-1]
+    b.input("input_ids")
+    b.input("attention_mask", optional=True)
+    if "token_type_ids" in needed:
+        b.input("token_type_ids", optional=True)
+    for name in out_names:
+        b.output(name)
+    graph = b.build()
+    used = {t for n in graph.nodes for t in n.weights.values()}
+    tensors = {k: v for k, v in interp.tensors.items() if k in used}
+    validate(graph, tensors, REGISTRY)
+    info = {"outputs": out_names, "inputs": {r: n for n, r in roles.items()}, "warnings": interp.warnings}
+    return graph, tensors, info
+
+
+def convert_onnx(src_path, out_path, *, tokenizer_json: str | None = None, outputs: list[str] | None = None) -> Path:
+    """Convert a BERT-family ONNX export (plain or ORT-optimized) into an edgeformer model file.
+
+    Raises OnnxFormatError for malformed files and UnsupportedOnnxError (listing every node that could not be
+    fused, grouped by (domain, op_type, opset)) for graphs outside the supported patterns.
+    """
+    from edgeformer.format import write_model
+
+    src_path, out_path = Path(src_path), Path(out_path)
+    model = load_onnx(src_path)
+    graph, tensors, info = build_graph(model, outputs=outputs)
+    for message in info["warnings"][:3]:
+        warnings.warn(message, stacklevel=2)
+    metadata = {"source": "onnx", "onnx.file": src_path.name,
+                "onnx.outputs": json.dumps(info["outputs"]), "onnx.inputs": json.dumps(info["inputs"])}
+    max_len = max((t.shape[0] - n.attrs.get("position_offset", 0) for n in graph.nodes if n.op == "embedding"
+                   for role, t in ((r, tensors[w]) for r, w in n.weights.items()) if role == "position"), default=None)
+    if max_len:
+        metadata["max_length"] = str(int(max_len))
+    write_model(out_path, tensors, graph.to_json(), tokenizer_json=tokenizer_json, metadata=metadata)
+    return out_path
