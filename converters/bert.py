@@ -36,13 +36,15 @@ def packed_linear(tensors, name, w, b=None):
     return weights, {"format": "fp32", "out_features": int(w.shape[0])}
 
 
-def _linear(ckpt, name, shape, tensors):
+def _linear(ckpt, name, shape, tensors, store=packed_linear):
     bias = ckpt.get(f"{name}.bias", (shape[0],)) if ckpt.has(f"{name}.bias") else None
-    return packed_linear(tensors, name, ckpt.get(f"{name}.weight", shape), bias)
+    return store(tensors, name, ckpt.get(f"{name}.weight", shape), bias)
 
 
 @register_loader("bert")
-def load_bert(config: dict, ckpt, builder) -> dict[str, np.ndarray]:
+def load_bert(config: dict, ckpt, builder, *, quantize=None) -> dict[str, np.ndarray]:
+    """quantize: None (fp32) or a converters.quantize.LinearPolicy deciding each encoder linear's format."""
+    store = packed_linear if quantize is None else quantize.linear
     d, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     ffn, layers = int(config["intermediate_size"]), int(config["num_hidden_layers"])
     eps = float(config.get("layer_norm_eps", 1e-12))
@@ -80,16 +82,16 @@ def load_bert(config: dict, ckpt, builder) -> dict[str, np.ndarray]:
         qkv_w = np.concatenate([ckpt.get(f"{p}.attention.self.{n}.weight", (d, d)) for n in names])  # (3d, d)
         qkv_b = np.concatenate([ckpt.get(f"{p}.attention.self.{n}.bias", (d,)) for n in names]) \
             if ckpt.has(f"{p}.attention.self.query.bias") else None  # (3d,)
-        qkv = builder.add("linear", f"{p}.attention.qkv", [h], *packed_linear(tensors, f"{p}.attention.qkv", qkv_w, qkv_b))
+        qkv = builder.add("linear", f"{p}.attention.qkv", [h], *store(tensors, f"{p}.attention.qkv", qkv_w, qkv_b))
         ctx = builder.add("attention", f"{p}.attention", [qkv], attrs={
             "kind": "softmax", "num_heads": heads, "head_dim": head_dim, "scale": 1.0 / math.sqrt(head_dim)})
         a = builder.add("linear", f"{p}.attention.output.dense", [ctx, h],
-                        *_linear(ckpt, f"{p}.attention.output.dense", (d, d), tensors))
+                        *_linear(ckpt, f"{p}.attention.output.dense", (d, d), tensors, store))
         h1 = builder.add("layer_norm", f"{p}.attention.output.LayerNorm", [a],
                          _ln(ckpt, f"{p}.attention.output.LayerNorm", d, tensors), {"eps": eps})
-        up_weights, up_attrs = _linear(ckpt, f"{p}.intermediate.dense", (ffn, d), tensors)
+        up_weights, up_attrs = _linear(ckpt, f"{p}.intermediate.dense", (ffn, d), tensors, store)
         f = builder.add("linear", f"{p}.intermediate.dense", [h1], up_weights, {**up_attrs, "activation": HIDDEN_ACT[act]})
-        o = builder.add("linear", f"{p}.output.dense", [f, h1], *_linear(ckpt, f"{p}.output.dense", (d, ffn), tensors))
+        o = builder.add("linear", f"{p}.output.dense", [f, h1], *_linear(ckpt, f"{p}.output.dense", (d, ffn), tensors, store))
         last = i == layers - 1
         h = builder.add("layer_norm", f"{p}.output.LayerNorm", [o], _ln(ckpt, f"{p}.output.LayerNorm", d, tensors),
                         {"eps": eps}, output="last_hidden_state" if last else None)

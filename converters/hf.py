@@ -52,7 +52,12 @@ def sentence_transformers_head(directory: Path) -> tuple[str | None, bool, int |
     return pooling, normalize, max_len
 
 
-def convert_hf_directory(src, out, *, progress: bool = False) -> Path:
+def convert_hf_directory(src, out, *, progress: bool = False, quantize: str | None = None, keep_fp32=(),
+                         activation_quant: str = "asymmetric", weight_method: str = "maxabs") -> Path:
+    """Convert a checkpoint directory. quantize: None (fp32), "dynamic-int8" or "weights-int8" for the
+    encoder linears (converters/quantize.py); keep_fp32: fnmatch patterns of linear names kept in fp32
+    (e.g. "encoder.layer.5.*"); activation_quant: "asymmetric" (u8 + zero point) or "symmetric" per token;
+    weight_method: "maxabs" or "mse" (per-channel clipping range minimising the weight rounding error)."""
     directory, out = Path(src), Path(out)
     if not (directory / "config.json").is_file():
         raise EdgeformerError(f"{directory} is not a Hugging Face checkpoint directory (no config.json)")
@@ -62,7 +67,14 @@ def convert_hf_directory(src, out, *, progress: bool = False) -> Path:
         raise EdgeformerError(f"model_type {model_type!r} is not supported; supported: {sorted(LOADERS)}")
     ckpt = load_checkpoint(directory)
     builder = GraphBuilder(config.get("_name_or_path") or directory.name)
-    tensors = LOADERS[model_type](config, ckpt, builder)
+    if quantize is None:
+        tensors = LOADERS[model_type](config, ckpt, builder)
+    else:
+        from converters.quantize import LinearPolicy
+
+        policy = LinearPolicy(quantize, keep_fp32=keep_fp32, activation_quant=activation_quant,
+                              weight_method=weight_method)
+        tensors = LOADERS[model_type](config, ckpt, builder, quantize=policy)
 
     pooling, normalize, max_len = sentence_transformers_head(directory)
     if pooling:
@@ -80,5 +92,7 @@ def convert_hf_directory(src, out, *, progress: bool = False) -> Path:
     metadata = {"source": "huggingface", "model_type": model_type}
     if max_len:
         metadata["max_length"] = str(int(max_len))
+    if quantize is not None:
+        metadata["quantize"] = quantize
     write_model(out, tensors, graph.to_json(), tokenizer_json=tokenizer_json, metadata=metadata)
     return out

@@ -4,6 +4,7 @@ from edgeformer.ops.attention import Attention
 from edgeformer.ops.embedding import Embedding
 from edgeformer.ops.layer_norm import LayerNorm
 from edgeformer.ops.linear import Linear
+from edgeformer.ops import linear_int8  # noqa: F401  (registers the int8 weight formats)
 from edgeformer.ops.normalize import Normalize
 from edgeformer.ops.pool import Pool
 

@@ -1,0 +1,495 @@
+"""int8 GEMM (u8 activations x s8 weights, int32 accumulation) on weights pre-packed at convert time,
+with a fused float epilogue (per-row activation scale x per-channel weight scale, bias, activation,
+residual -> float32).
+
+    acc[r, n] = sum_k (a[r, k] - zp[r]) * w[n, k]                      (exact, int32)
+    out[r, n] = act((f32(acc[r, n]) * ws[n]) * sa[r] + bias[n]) + residual[r, n]
+
+Activations are always stored as **u8 with a per-row zero point** zp (int32): symmetric s8 values
+q in [-127, 127] are stored as q + 128 with zp = 128 (the "xor 0x80" of numba.md §1), asymmetric u8
+as q in [0, 255] with zp in [0, 255]. The kernel computes sum_k a*w (what `vpdpbusd` computes) and
+subtracts zp[r] * colsum[n] in the epilogue; colsum (int32 (Npad,)) = sum_k w[n, k] is computed once
+per weight (`column_sums`, at load), never per call.
+
+Accumulation bound: |a| <= 255 and |w| <= 127 (weights are quantised to [-127, 127]; -128 is rejected
+by the op layer), so |sum_k a*w| <= 255*127*K = 32385*K, and |sum_k (a - zp)*w| <= 32385*K as well
+(|a - zp| <= 255). Both fit int32 (2**31 - 1) for K <= 66311; we accept **K <= K_MAX = 65536**, so no
+partial sum the hardware forms (vpdpbusd is non-saturating; pmaddwd pairs are <= 2*32385) can wrap.
+The epilogue forms acc - zp*colsum in int64, exactly. The op layer and the converter reject larger K.
+
+Packed weight layout (`pack_weight`, fixed, independent of the CPU, so a file is portable):
+w (N, K) int8 -> wp (P, K4, 64) int8 with K4 = ceil(K/4) and P = ceil(N/16) rounded up to a multiple
+of PANEL_GROUP (4). Panel p, k-group g holds 16 columns x 4 consecutive k: byte c*4 + j is
+w[p*16 + c, 4g + j]; padded columns and k are zero. This is the operand layout of `vpdpbusd`
+(one dword of 4 activation bytes broadcast against 16 dwords of 4 weight bytes).
+
+Paths (chosen in Python from the host's features; `select_path`), each an LLVM-IR micro-kernel emitted
+by the same `@intrinsic` `_micro_s8(path, mr, ...)` with `path` and `mr` compile-time literals, so the
+IR of a path is generated only inside the kernel specialised for it (`linear_s8_vnni` /
+`linear_s8_pairs`), which is compiled on its first call and only ever called when selected:
+- PATH_VNNI: `llvm.x86.avx512.vpdpbusd.512`, MR=4 rows x 4 panels (64 columns, 16 zmm accumulators).
+  Compiling it for a CPU without AVX512-VNNI aborts the process (numba.md §1), so `vnni_available()`
+  requires the host to report avx512vnni (+avx512bw/vl) AND NUMBA_CPU_NAME / NUMBA_CPU_FEATURES to be
+  unset; the intrinsic's typing re-checks and raises a TypingError instead of ever emitting it.
+- PATH_PAIRS: portable IR: per (row, panel, half of 8 columns): zext(a) * sext(w) as <32 x i32>, then
+  even + odd lanes (the pmaddwd pattern) accumulated in <16 x i32> pairs-of-k lanes, reduced at the
+  end. x86 lowers it to vpmaddwd / vpdpwssd, aarch64 to smull/addp-style code. Compiles for any CPU.
+Only the register budget (MR, NP of the pairs path) depends on the host, never correctness.
+"""
+import os
+
+import llvmlite.binding as _llb
+import numpy as np
+from llvmlite import ir
+from numba.core import config as _config
+from numba.core import types
+from numba.core.errors import TypingError
+from numba.extending import intrinsic
+
+from edgeformer.kernels._jit import helper, kernel
+from edgeformer.kernels.mathfn import ACT_GELU_ERF, ACT_GELU_TANH, ACT_RELU, gelu_erf, gelu_tanh, relu
+
+NR = 16  # columns per panel
+KG = 4  # k values per group (one dword of activations)
+PANEL_GROUP = 4  # P is padded to a multiple of this (the largest NP of any path)
+K_MAX = 65536  # accumulation bound, see the module docstring (255 * 127 * 66311 < 2**31)
+
+PATH_PAIRS = 1
+PATH_VNNI = 2
+PATH_NAMES = {PATH_PAIRS: "pairs", PATH_VNNI: "vnni"}
+
+
+# ---- path selection (Python, before anything is compiled) ----------------------------------------
+
+def host_features() -> dict:
+    return dict(_llb.get_host_cpu_features())
+
+
+def _cpu_overridden() -> bool:
+    """True when Numba is told to compile for a CPU other than the host (then host features say nothing)."""
+    return bool(_config.CPU_NAME or _config.CPU_FEATURES or os.environ.get("NUMBA_CPU_NAME")
+                or os.environ.get("NUMBA_CPU_FEATURES"))
+
+
+def vnni_available(features=None) -> bool:
+    """May the VNNI micro-kernel be compiled here? Only with host AVX512-VNNI/BW/VL and no CPU override."""
+    if _cpu_overridden():
+        return False
+    f = host_features() if features is None else features
+    return all(bool(f.get(name, False)) for name in ("avx512f", "avx512bw", "avx512vl", "avx512vnni"))
+
+
+def select_path(features=None) -> int:
+    """The fastest path this CPU can run (PATH_VNNI or PATH_PAIRS). EDGEFORMER_INT8_PATH=pairs forces portable."""
+    if os.environ.get("EDGEFORMER_INT8_PATH", "").lower() == "pairs":
+        return PATH_PAIRS
+    return PATH_VNNI if vnni_available(features) else PATH_PAIRS
+
+
+def available_paths(features=None) -> list:
+    return [PATH_PAIRS] + ([PATH_VNNI] if vnni_available(features) else [])
+
+
+def _pairs_budget():
+    """(MR, NP) of the pairs path: accumulators MR*NP*2 vectors of <16 x i32> must fit the registers."""
+    machine = _llb.get_process_triple().split("-")[0]
+    if machine in ("aarch64", "arm64"):
+        return 2, 1  # 2*1*2*4 = 16 q registers of accumulators
+    if not _cpu_overridden():
+        f = host_features()
+        if f.get("avx512f", False) and f.get("avx512bw", False):
+            return 4, 2  # 16 zmm accumulators
+    return 2, 1  # AVX2: 8 ymm; SSE would spill a little, still correct
+
+
+PAIRS_MR, PAIRS_NP = _pairs_budget()
+VNNI_MR, VNNI_NP = 4, 4
+
+
+def path_blocking(path: int):
+    """(MR, NP) of a path: rows and panels per micro-kernel call."""
+    return (VNNI_MR, VNNI_NP) if path == PATH_VNNI else (PAIRS_MR, PAIRS_NP)
+
+
+# ---- weight packing (plain NumPy, convert time) ---------------------------------------------------
+
+def packed_shape(n: int, k: int):
+    p = -(-n // NR)
+    p = -(-p // PANEL_GROUP) * PANEL_GROUP
+    return p, -(-k // KG), NR * KG
+
+
+def pack_weight(wq):
+    """wq (N, K) int8 in [-127, 127] -> (P, K4, 64) int8 (see the module docstring)."""
+    wq = np.asarray(wq)
+    if wq.dtype != np.int8 or wq.ndim != 2:
+        raise ValueError(f"pack_weight needs a 2-D int8 array, got {wq.dtype} {wq.shape}")
+    n, k = wq.shape
+    p, k4, _ = packed_shape(n, k)
+    full = np.zeros((p * NR, k4 * KG), dtype=np.int8)
+    full[:n, :k] = wq
+    # (P, 16, K4, 4) -> (P, K4, 16, 4)
+    return np.ascontiguousarray(full.reshape(p, NR, k4, KG).transpose(0, 2, 1, 3).reshape(p, k4, NR * KG))
+
+
+def unpack_weight(wp, n: int, k: int):
+    """Inverse of pack_weight."""
+    p, k4, _ = wp.shape
+    full = wp.reshape(p, k4, NR, KG).transpose(0, 2, 1, 3).reshape(p * NR, k4 * KG)
+    return np.ascontiguousarray(full[:n, :k])
+
+
+def column_sums(wp):
+    """colsum (P*16,) int32 of a packed weight: sum over k of every (padded) column."""
+    p, k4, _ = wp.shape
+    return wp.reshape(p, k4, NR, KG).sum(axis=(1, 3), dtype=np.int64).reshape(p * NR).astype(np.int32)
+
+
+def quantize_weight(w, method="maxabs"):
+    """Symmetric per-output-channel int8: w (N, K) float -> (wq int8 (N, K) in [-127, 127], scale f32 (N,)).
+
+    maxabs: scale = max|w[n]| / 127 (1 for an all-zero row), wq = clip(rint(w / scale), -127, 127).
+    mse:    the clipping range c * max|w[n]|, c in [0.70, 1], that minimises ||w[n] - scale * wq[n]||^2.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    amax = np.abs(w).max(axis=1)
+    if method == "mse":
+        best = amax.copy()
+        err = np.full(w.shape[0], np.inf)
+        for c in np.linspace(0.70, 1.0, 31, dtype=np.float32):
+            s = np.where(amax > 0, c * amax / np.float32(127), np.float32(1)).astype(np.float32)
+            q = np.clip(np.rint(w / s[:, None]), -127, 127)
+            e = ((q * s[:, None] - w).astype(np.float64) ** 2).sum(axis=1)
+            better = e < err
+            err[better] = e[better]
+            best[better] = c * amax[better]
+        amax = best
+    elif method != "maxabs":
+        raise ValueError(f"unknown weight quantisation method {method!r}")
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    wq = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return wq, scale
+
+
+# ---- micro-kernel --------------------------------------------------------------------------------
+
+def _emit(context, builder, path, mr, npn, args, sig_args):
+    """IR of one micro-kernel call: the int32 tile d[d_off + i*d_stride + c] = sum_k a*w, c < npn*16."""
+    (a_arr, a_off, lda, b_arr, b_off, pstride, k4, d_arr, d_off, d_stride) = args
+
+    def data(idx, val):
+        return context.make_array(sig_args[idx])(context, builder, val).data
+
+    a_ptr = data(2, a_arr)  # u8*
+    b_ptr = data(5, b_arr)  # i8*
+    d_ptr = data(9, d_arr)  # i32*
+    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+    v16 = ir.VectorType(i32, 16)
+
+    def c64(v):
+        return ir.Constant(i64, v)
+
+    a_base = builder.gep(a_ptr, [a_off])
+    b_base = builder.gep(b_ptr, [b_off])
+    a_rows = [builder.gep(a_base, [builder.mul(lda, c64(i))]) for i in range(mr)]
+    b_panels = [builder.gep(b_base, [builder.mul(pstride, c64(j))]) for j in range(npn)]
+    nacc = mr * npn * (1 if path == PATH_VNNI else 2)
+
+    fn = builder.function
+    head = fn.append_basic_block("s8_head")
+    body = fn.append_basic_block("s8_body")
+    done = fn.append_basic_block("s8_done")
+    pre = builder.block
+    zero = ir.Constant(v16, [0] * 16)
+    builder.branch(head)
+    builder.position_at_end(head)
+    g = builder.phi(i64, "g")
+    g.add_incoming(c64(0), pre)
+    accs = []
+    for _ in range(nacc):
+        ph = builder.phi(v16)
+        ph.add_incoming(zero, pre)
+        accs.append(ph)
+    builder.cbranch(builder.icmp_signed("<", g, k4), body, done)
+
+    builder.position_at_end(body)
+    aoff = builder.mul(g, c64(KG))
+    boff = builder.mul(g, c64(NR * KG))
+    new = []
+    if path == PATH_VNNI:
+        name = "llvm.x86.avx512.vpdpbusd.512"
+        dp = builder.module.globals.get(name)
+        if dp is None:
+            dp = ir.Function(builder.module, ir.FunctionType(v16, [v16, v16, v16]), name)
+        bv = [builder.load(builder.bitcast(builder.gep(b_panels[j], [boff]), v16.as_pointer()), align=1)
+              for j in range(npn)]
+        zmask = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
+        for i in range(mr):
+            dword = builder.load(builder.bitcast(builder.gep(a_rows[i], [aoff]), i32.as_pointer()), align=1)
+            av = builder.insert_element(ir.Constant(v16, ir.Undefined), dword, ir.Constant(i32, 0))
+            av = builder.shuffle_vector(av, ir.Constant(v16, ir.Undefined), zmask)
+            for j in range(npn):
+                new.append(builder.call(dp, [accs[i * npn + j], av, bv[j]]))
+    else:
+        v32i8 = ir.VectorType(i8, 32)
+        v32i32 = ir.VectorType(i32, 32)
+        even = ir.Constant(ir.VectorType(i32, 16), list(range(0, 32, 2)))
+        odd = ir.Constant(ir.VectorType(i32, 16), list(range(1, 32, 2)))
+        # 8 columns x 4 k per half-panel: 32 bytes
+        bv = []
+        for j in range(npn):
+            for h in range(2):
+                p = builder.gep(b_panels[j], [builder.add(boff, c64(32 * h))])
+                bv.append(builder.sext(builder.load(builder.bitcast(p, v32i8.as_pointer()), align=1), v32i32))
+        pattern = ir.Constant(ir.VectorType(i32, 32), [q % 4 for q in range(32)])
+        for i in range(mr):
+            four = builder.load(builder.bitcast(builder.gep(a_rows[i], [aoff]), ir.VectorType(i8, 4).as_pointer()),
+                                align=1)
+            a32 = builder.shuffle_vector(four, ir.Constant(ir.VectorType(i8, 4), ir.Undefined), pattern)
+            a32 = builder.zext(a32, v32i32)
+            for j in range(npn):
+                for h in range(2):
+                    prod = builder.mul(a32, bv[j * 2 + h])
+                    s = builder.add(builder.shuffle_vector(prod, prod, even), builder.shuffle_vector(prod, prod, odd))
+                    idx = (i * npn + j) * 2 + h
+                    new.append(builder.add(accs[idx], s))
+    nxt = builder.add(g, c64(1))
+    end = builder.block
+    builder.branch(head)
+    g.add_incoming(nxt, end)
+    for ph, v in zip(accs, new):
+        ph.add_incoming(v, end)
+
+    builder.position_at_end(done)
+    d_base = builder.gep(d_ptr, [d_off])
+    if path == PATH_PAIRS:
+        # lanes (2c, 2c+1) of half h hold column 8h + c over k pairs (0,1) and (2,3): add them
+        lo = ir.Constant(ir.VectorType(i32, 16), [2 * q for q in range(8)] + [16 + 2 * q for q in range(8)])
+        hi = ir.Constant(ir.VectorType(i32, 16), [2 * q + 1 for q in range(8)] + [16 + 2 * q + 1 for q in range(8)])
+    for i in range(mr):
+        row = builder.mul(d_stride, c64(i))
+        for j in range(npn):
+            if path == PATH_VNNI:
+                v = accs[i * npn + j]
+            else:
+                x0, x1 = accs[(i * npn + j) * 2], accs[(i * npn + j) * 2 + 1]
+                v = builder.add(builder.shuffle_vector(x0, x1, lo), builder.shuffle_vector(x0, x1, hi))
+            p = builder.gep(d_base, [builder.add(row, c64(j * NR))])
+            builder.store(v, builder.bitcast(p, v16.as_pointer()), align=4)
+
+
+@intrinsic
+def _micro_s8(typingctx, path, mr, a, a_off, lda, b, b_off, pstride, k4, d, d_off, d_stride):
+    """d[d_off + i*d_stride + c] = sum_g sum_j a[a_off + i*lda + 4g + j] * B[panel c//16, g, (c%16)*4 + j]
+    for i < mr, c < NP*16 (NP of the path), g < k4. a u8, b int8 (packed panels pstride = K4*64 apart,
+    panel 0 at b_off), d int32. path and mr must be literals."""
+    if not isinstance(path, types.IntegerLiteral) or not isinstance(mr, types.IntegerLiteral):
+        return None
+    pv, mv = path.literal_value, mr.literal_value
+    if pv == PATH_VNNI and not vnni_available():
+        raise TypingError("int8 VNNI micro-kernel requested on a CPU without AVX512-VNNI (or with "
+                          "NUMBA_CPU_NAME/NUMBA_CPU_FEATURES set): refusing to compile it")
+    if pv not in PATH_NAMES:
+        raise TypingError(f"unknown int8 path {pv}")
+    npn = path_blocking(pv)[1]
+    ip = types.intp
+    sig = types.void(path, mr, a, ip, ip, b, ip, ip, ip, d, ip, ip)
+
+    def codegen(context, builder, signature, args):
+        _emit(context, builder, pv, mv, npn, args[2:], signature.args)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ---- activation quantisation ---------------------------------------------------------------------
+
+_F0 = np.float32(0.0)
+_F127 = np.float32(127.0)
+_F255 = np.float32(255.0)
+_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to nearest even
+
+
+@helper
+def _rint(v):
+    return (v + _MAGIC) - _MAGIC
+
+
+@kernel
+def quantize_rows(x, asym, aq, sa, zp, r0, r1):
+    """Per-row (per-token) dynamic quantisation of x (T, K) f32 into aq (T, Kp) u8, Kp = 4*ceil(K/4).
+
+    symmetric (asym == 0): s = max|x| / 127, q = clip(rint(x * (127 / max|x|)), -127, 127) + 128, zp = 128;
+    asymmetric:           lo = min(min x, 0), hi = max(max x, 0), s = (hi - lo) / 255,
+                          zp = clip(rint(-lo * (255 / (hi - lo))), 0, 255), q = clip(rint(x * inv) + zp, 0, 255).
+    An all-zero row gets s = 0, every q = zp. Padding bytes k >= K are set to zp. No validation.
+    """
+    k = x.shape[1]
+    kp = aq.shape[1]
+    for r in range(r0, r1):
+        xr = x[r]
+        qr = aq[r]
+        if asym == 0:
+            m = _F0
+            for j in range(k):
+                v = abs(xr[j])
+                m = v if v > m else m
+            if m > _F0:
+                inv = _F127 / m
+                s = m / _F127
+            else:
+                inv = _F0
+                s = _F0
+            for j in range(k):
+                v = _rint(xr[j] * inv)
+                v = _F127 if v > _F127 else v
+                v = -_F127 if v < -_F127 else v
+                qr[j] = np.uint8(np.int32(v) + 128)
+            z = 128
+        else:
+            lo = _F0
+            hi = _F0
+            for j in range(k):
+                v = xr[j]
+                lo = v if v < lo else lo
+                hi = v if v > hi else hi
+            rng = hi - lo
+            if rng > _F0:
+                inv = _F255 / rng
+                s = rng / _F255
+            else:
+                inv = _F0
+                s = _F0
+            zf = _rint(-lo * inv)
+            zf = _F255 if zf > _F255 else zf
+            zf = _F0 if zf < _F0 else zf
+            for j in range(k):
+                v = _rint(xr[j] * inv) + zf
+                v = _F255 if v > _F255 else v
+                v = _F0 if v < _F0 else v
+                qr[j] = np.uint8(np.int32(v))
+            z = np.int32(zf)
+        for j in range(k, kp):
+            qr[j] = np.uint8(z)
+        sa[r] = s
+        zp[r] = z
+
+
+# ---- driver --------------------------------------------------------------------------------------
+
+@helper
+def _micro_rows(path, mrb, aq, a_off, lda, wflat, b_off, pstride, k4, tile, width):
+    if mrb == 4:
+        _micro_s8(path, 4, aq, a_off, lda, wflat, b_off, pstride, k4, tile, 0, width)
+    elif mrb == 3:
+        _micro_s8(path, 3, aq, a_off, lda, wflat, b_off, pstride, k4, tile, 0, width)
+    elif mrb == 2:
+        _micro_s8(path, 2, aq, a_off, lda, wflat, b_off, pstride, k4, tile, 0, width)
+    else:
+        _micro_s8(path, 1, aq, a_off, lda, wflat, b_off, pstride, k4, tile, 0, width)
+
+
+@helper
+def _epilogue(tile, width, mrb, b0, col0, ncol, zp, colsum, sa, ws, bias, residual, act, out, raw):
+    """tile (int32 sums) -> out rows b0..b0+mrb, columns col0..col0+ncol."""
+    has_bias = bias.shape[0] != 0
+    has_res = residual.shape[0] != 0
+    for i in range(mrb):
+        r = b0 + i
+        z = np.int64(zp[r])
+        t = tile[i * width:i * width + ncol]
+        cs = colsum[col0:col0 + ncol]
+        if raw.shape[0] != 0:  # the exact int32 accumulators (tests)
+            rr = raw[r, col0:col0 + ncol]
+            for j in range(ncol):
+                rr[j] = np.int32(np.int64(t[j]) - z * np.int64(cs[j]))
+            continue
+        s = sa[r]
+        w = ws[col0:col0 + ncol]
+        o = out[r, col0:col0 + ncol]
+        if has_bias:
+            bb = bias[col0:col0 + ncol]
+            for j in range(ncol):
+                o[j] = (np.float32(np.int64(t[j]) - z * np.int64(cs[j])) * w[j]) * s + bb[j]
+        else:
+            for j in range(ncol):
+                o[j] = (np.float32(np.int64(t[j]) - z * np.int64(cs[j])) * w[j]) * s
+        if act == ACT_RELU:
+            for j in range(ncol):
+                o[j] = relu(o[j])
+        elif act == ACT_GELU_ERF:
+            for j in range(ncol):
+                o[j] = gelu_erf(o[j])
+        elif act == ACT_GELU_TANH:
+            for j in range(ncol):
+                o[j] = gelu_tanh(o[j])
+        if has_res:
+            rs = residual[r, col0:col0 + ncol]
+            for j in range(ncol):
+                o[j] += rs[j]
+
+
+# Rows of quantised activations kept in L2 while the weight panels stream past.
+_A_BUDGET = 256 * 1024
+
+
+@helper
+def _gemm_s8(path, mr, npn, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw, r0, r1, p0, p1):
+    if r1 <= r0 or p1 <= p0:
+        return
+    lda = aq.shape[1]
+    k4 = wp.shape[1]
+    pstride = k4 * NR * KG
+    wflat = wp.reshape(-1)
+    aflat = aq.reshape(-1)
+    width = npn * NR
+    tile = np.empty(mr * width, dtype=np.int32)
+    mc = _A_BUDGET // max(lda, 1)
+    mc = max(mr, mc - mc % mr)
+    for c0 in range(r0, r1, mc):
+        c1 = min(c0 + mc, r1)
+        for g0 in range(p0, p1, npn):
+            col0 = g0 * NR
+            if col0 >= n_out:
+                break
+            ncol = min(width, n_out - col0)
+            b_off = g0 * pstride
+            for b0 in range(c0, c1, mr):
+                mrb = min(mr, c1 - b0)
+                _micro_rows(path, mrb, aflat, b0 * lda, lda, wflat, b_off, pstride, k4, tile, width)
+                _epilogue(tile, width, mrb, b0, col0, ncol, zp, colsum, sa, ws, bias, residual, act, out, raw)
+
+
+@kernel
+def linear_s8_pairs(aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw, r0, r1, p0, p1):
+    """Portable path. See linear_s8."""
+    _gemm_s8(1, PAIRS_MR, PAIRS_NP, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw,
+             r0, r1, p0, p1)
+
+
+@kernel
+def linear_s8_vnni(aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw, r0, r1, p0, p1):
+    """AVX512-VNNI path: call only when vnni_available(). See linear_s8."""
+    _gemm_s8(2, VNNI_MR, VNNI_NP, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw,
+             r0, r1, p0, p1)
+
+
+def linear_s8(path):
+    """The kernel of a path:
+
+        kernel(aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw, r0, r1, p0, p1)
+
+    out[r0:r1, panels p0:p1] = act((f32(acc) * ws) * sa[r] + bias) + residual with acc = sum_k aq*w - zp*colsum.
+    aq (T, Kp) u8 C-contiguous with Kp = 4*K4 (quantize_rows); sa (T,) f32; zp (T,) int32; wp (P, K4, 64)
+    int8 (pack_weight); colsum (P*16,) int32 (column_sums); ws (N,) f32; bias (N,) or (0,); residual
+    (T, N) or (0, 0); out (T, N) f32. raw: (0, 0) int32, or (T, N) int32 to receive the exact accumulators
+    instead of the float epilogue (out is then untouched). p0, p1 must be multiples of the path's NP
+    (or p1 = P). No validation.
+    """
+    if path == PATH_VNNI:
+        if not vnni_available():
+            raise RuntimeError("the VNNI int8 path is not available on this CPU")
+        return linear_s8_vnni
+    if path == PATH_PAIRS:
+        return linear_s8_pairs
+    raise ValueError(f"unknown int8 path {path!r}")

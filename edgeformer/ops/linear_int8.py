@@ -1,0 +1,111 @@
+"""Weight format "int8": symmetric per-output-channel int8 weights, activations quantised per token at
+run time (dynamic), int8 x int8 -> int32 GEMM with a fused float epilogue (kernels/gemm_s8.py).
+
+Tensors of a node (written by converters.quantize.int8_linear):
+    weight_s8     (P, K4, 64) int8   pre-packed by gemm_s8.pack_weight, values in [-127, 127]
+    weight_scale  (N,) float32       per-output-channel scale, finite and > 0: w[n, k] ~ weight_scale[n] * q[n, k]
+    bias          (N,) float32       optional
+Attributes: out_features N, in_features K (<= gemm_s8.K_MAX, the int32 accumulation bound),
+activation_quant "asymmetric" (default: u8 with a per-token zero point) or "symmetric" (s8, max-abs).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edgeformer.errors import GraphError
+from edgeformer.ops.base import NO_VECTOR, attr, same_width, weight
+from edgeformer.ops.linear import ROWS_PER_THREAD, register_format
+
+ACTIVATION_QUANT = {"symmetric": 0, "asymmetric": 1}
+_NO_RAW = np.zeros((0, 0), dtype=np.int32)
+
+
+@register_format("int8")
+class Int8Weights:
+    def __init__(self, node, weights):
+        from edgeformer.kernels import gemm_s8 as g
+
+        self.out_features = attr(node, "out_features", int)
+        self.in_features = attr(node, "in_features", int)
+        self.asym = ACTIVATION_QUANT[attr(node, "activation_quant", str, "asymmetric", ACTIVATION_QUANT)]
+        n, k = self.out_features, self.in_features
+        if n < 1 or k < 1:
+            raise GraphError(f"node {node.name!r}: int8 linear needs out_features, in_features >= 1, got {n}, {k}")
+        if k > g.K_MAX:
+            raise GraphError(f"node {node.name!r}: in_features {k} exceeds the int8 accumulation bound K <= {g.K_MAX} "
+                             f"(|u8 activation| * |s8 weight| * K must fit int32)")
+        wp = weight(node, weights, "weight_s8", 3, dtype=np.int8)
+        want = list(g.packed_shape(n, k))
+        if list(wp.shape) != want:
+            raise GraphError(f"node {node.name!r}: weight_s8 has shape {list(wp.shape)}, expected {want} for "
+                             f"out_features={n}, in_features={k} (gemm_s8.pack_weight layout)")
+        if not wp.flags.c_contiguous:
+            raise GraphError(f"node {node.name!r}: weight_s8 must be C-contiguous")
+        if np.any(wp == -128):
+            raise GraphError(f"node {node.name!r}: weight_s8 holds -128; int8 weights must lie in [-127, 127]")
+        scale = weight(node, weights, "weight_scale", 1)
+        same_width(node, "weight_scale", scale.shape[0], n)
+        if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
+            raise GraphError(f"node {node.name!r}: weight_scale must be finite and > 0")
+        bias = weight(node, weights, "bias", 1, optional=True)
+        if bias is not None:
+            same_width(node, "bias", bias.shape[0], n)
+        self.wp = wp
+        self.scale = scale
+        self.bias = NO_VECTOR if bias is None else bias
+        self.colsum = g.column_sums(wp)  # (P*16,) int32, once per weight
+        self.colsum.setflags(write=False)
+        self.kp = wp.shape[1] * g.KG
+        self.path = g.select_path()
+        self.mr, self.np_ = g.path_blocking(self.path)
+        self.kernel = g.linear_s8(self.path)
+        self.quantize = g.quantize_rows
+
+    def __call__(self, x, residual, act, out, workers):
+        rows, panels = x.shape[0], self.wp.shape[0]
+        aq = np.empty((rows, self.kp), dtype=np.uint8)
+        sa = np.empty(rows, dtype=np.float32)
+        zp = np.empty(rows, dtype=np.int32)
+        workers.split(self.quantize, rows, x, self.asym, aq, sa, zp)
+        args = (aq, sa, zp, self.wp, self.colsum, self.scale, self.out_features, self.bias, residual, act, out,
+                _NO_RAW)
+        groups = -(-min(panels * 16, self.out_features * 1) // (16 * self.np_))  # panel groups holding columns
+        if rows >= 2 * workers.threads * ROWS_PER_THREAD or workers.threads == 1 or groups < 2:
+            workers.split(_rows, rows, self.kernel, *args, panels)
+        else:
+            workers.split(_panels, groups * self.np_, self.kernel, *args, rows, align=self.np_)
+
+
+def _rows(kernel, aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, panels, r0, r1):
+    kernel(aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, r0, r1, 0, panels)
+
+
+def _panels(kernel, aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, rows, p0, p1):
+    kernel(aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, 0, rows, p0, p1)
+
+
+@register_format("int8_weights")
+class Int8StoredWeights:
+    """Weight-only int8 ("weights-int8"): the same tensors and attributes as "int8" (the file is as small),
+    dequantised once at load (w = weight_scale[n] * q[n, k]) into the fp32 packed layout and run with the
+    fp32 kernel. Accuracy: only the weight rounding; speed and RAM: those of fp32."""
+
+    def __init__(self, node, weights):
+        from edgeformer.kernels import gemm_s8 as g
+        from edgeformer.ops.linear import Fp32Weights
+
+        q = Int8Weights(node, weights)  # the same validation
+        w = g.unpack_weight(q.wp, q.out_features, q.in_features).astype(np.float32) * q.scale[:, None]
+        plain = {"weight": w}
+        if q.bias.shape[0]:
+            plain["bias"] = q.bias
+        self._fp32 = Fp32Weights(_PlainNode(node), plain)
+        self.in_features, self.out_features = q.in_features, q.out_features
+
+    def __call__(self, x, residual, act, out, workers):
+        self._fp32(x, residual, act, out, workers)
+
+
+class _PlainNode:
+    def __init__(self, node):
+        self.name, self.op, self.attrs = node.name, node.op, {}

@@ -1,0 +1,281 @@
+"""kernels/gemm_s8.py: every int8 path this CPU can run, exactly against an integer NumPy reference.
+
+- int32 accumulators (raw mode) must equal sum_k (a - zp) * w computed in int64 NumPy, bit for bit;
+- the float epilogue must equal the same float32 operations done in NumPy (bit for bit without an
+  activation; a few ulps with GELU, whose kernel is a polynomial);
+- row and panel sub-ranges write exactly their block; odd K and N, M = 1..300 (Hypothesis);
+- the VNNI path is never selected (nor compiled) when the CPU features say no.
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgeformer.kernels import gemm_s8 as g
+from edgeformer.kernels.mathfn import ACT_GELU_ERF, ACT_NONE, ACT_RELU
+from edgeformer.reference.activation import activation_ref
+
+F32 = np.float32
+NO_BIAS = np.zeros(0, F32)
+NO_RES = np.zeros((0, 0), F32)
+NO_RAW = np.zeros((0, 0), np.int32)
+PATHS = g.available_paths()
+PATH_IDS = [g.PATH_NAMES[p] for p in PATHS]
+SENTINEL_I = np.int32(-123456789)
+SENTINEL_F = F32(-777.5)
+
+
+# ---- NumPy references ---------------------------------------------------------------------------
+
+def quantize_rows_ref(x, asym):
+    """Exact NumPy twin of quantize_rows (same float32 operations; np.rint = round half to even)."""
+    x = np.asarray(x, F32)
+    t, k = x.shape
+    if not asym:
+        m = np.abs(x).max(axis=1) if k else np.zeros(t, F32)
+        inv = np.where(m > 0, F32(127) / np.where(m > 0, m, F32(1)), F32(0)).astype(F32)
+        s = np.where(m > 0, m / F32(127), F32(0)).astype(F32)
+        q = np.clip(np.rint(x * inv[:, None]), -127, 127).astype(np.int32) + 128
+        zp = np.full(t, 128, np.int32)
+    else:
+        lo = np.minimum(x.min(axis=1), F32(0))
+        hi = np.maximum(x.max(axis=1), F32(0))
+        rng = (hi - lo).astype(F32)
+        inv = np.where(rng > 0, F32(255) / np.where(rng > 0, rng, F32(1)), F32(0)).astype(F32)
+        s = np.where(rng > 0, rng / F32(255), F32(0)).astype(F32)
+        zf = np.clip(np.rint(-lo * inv), 0, 255).astype(F32)
+        q = np.clip(np.rint(x * inv[:, None]) + zf[:, None], 0, 255).astype(np.int32)
+        zp = zf.astype(np.int32)
+    return q.astype(np.uint8), s.astype(F32), zp
+
+
+def acc_ref(aq, zp, wq):
+    """Exact int accumulators: sum_k (a - zp) * w in int64 (then int32: they fit by the documented bound)."""
+    k = wq.shape[1]
+    acc = (aq[:, :k].astype(np.int64) - zp[:, None].astype(np.int64)) @ wq.astype(np.int64).T
+    assert np.abs(acc).max(initial=0) < 2 ** 31
+    return acc.astype(np.int32)
+
+
+def epilogue_ref(acc, sa, ws, bias, residual, act):
+    y = (acc.astype(F32) * ws[None, :]) * sa[:, None]
+    if bias is not None:
+        y = y + bias[None, :]
+    if act != ACT_NONE:
+        name = {ACT_RELU: "relu", ACT_GELU_ERF: "gelu"}[act]
+        y = activation_ref(y.astype(np.float64), name).astype(F32)
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+def make(m, k, n, seed, extreme=False):
+    rng = np.random.default_rng(seed)
+    if extreme:  # the accumulation bound's worst case: |a - zp| = 255, |w| = 127
+        wq = np.where(rng.random((n, k)) < 0.5, -127, 127).astype(np.int8)
+    else:
+        wq = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    wp = g.pack_weight(wq)
+    return rng, wq, wp, g.column_sums(wp)
+
+
+def run_raw(path, aq, sa, zp, wp, cs, n, r0, r1, p0, p1):
+    ws = np.ones(n, F32)
+    raw = np.full((aq.shape[0], n), SENTINEL_I, np.int32)
+    out = np.zeros((0, 0), F32)
+    g.linear_s8(path)(aq, sa, zp, wp, cs, ws, n, NO_BIAS, NO_RES, ACT_NONE, out, raw, r0, r1, p0, p1)
+    return raw
+
+
+def padded_a(q, zp, kp):
+    aq = np.empty((q.shape[0], kp), np.uint8)
+    aq[:, :q.shape[1]] = q
+    aq[:, q.shape[1]:] = zp[:, None].astype(np.uint8)
+    return aq
+
+
+# ---- packing and quantisation ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, k", [(1, 1), (15, 3), (16, 4), (17, 5), (64, 384), (65, 33), (384, 1536)])
+def test_pack_layout_roundtrip_and_colsum(n, k):
+    _, wq, wp, cs = make(1, k, n, n * 7 + k)
+    p, k4, width = wp.shape
+    assert (p, k4, width) == g.packed_shape(n, k) and p % g.PANEL_GROUP == 0 and wp.dtype == np.int8
+    np.testing.assert_array_equal(g.unpack_weight(wp, n, k), wq)
+    for c in (0, n - 1):
+        for kk in (0, k - 1):
+            assert wp[c // 16, kk // 4, (c % 16) * 4 + kk % 4] == wq[c, kk]
+    full = np.zeros((p * 16,), np.int64)
+    full[:n] = wq.astype(np.int64).sum(axis=1)
+    np.testing.assert_array_equal(cs, full)
+
+
+def test_quantize_weight_per_channel():
+    w = np.random.default_rng(0).standard_normal((9, 31)).astype(F32) * np.arange(1, 10, dtype=F32)[:, None]
+    w[3] = 0
+    wq, s = g.quantize_weight(w)
+    assert wq.dtype == np.int8 and wq.min() >= -127 and s.dtype == F32 and np.all(s > 0)
+    assert np.all(np.abs(wq).max(axis=1)[[0, 1, 2, 4, 5, 6, 7, 8]] == 127)
+    assert np.abs(wq.astype(F32) * s[:, None] - w).max() <= s.max() / 2 * 1.0001
+
+
+@pytest.mark.parametrize("asym", [0, 1])
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 40), k=st.integers(1, 70), seed=st.integers(0, 2 ** 31), zero_row=st.booleans())
+def test_quantize_rows_exact(asym, m, k, seed, zero_row):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1, 30], (m, 1))).astype(F32)
+    if rng.random() < 0.3:
+        x = np.abs(x)  # all positive rows (post-ReLU-like): asymmetric zero point 0
+    if zero_row:
+        x[0] = 0
+    kp = 4 * -(-k // 4)
+    aq = np.full((m, kp), 7, np.uint8)
+    sa = np.empty(m, F32)
+    zp = np.empty(m, np.int32)
+    g.quantize_rows(x, asym, aq, sa, zp, 0, m)
+    q, s, z = quantize_rows_ref(x, asym)
+    np.testing.assert_array_equal(aq[:, :k], q)
+    np.testing.assert_array_equal(sa, s)
+    np.testing.assert_array_equal(zp, z)
+    assert np.all(aq[:, k:] == zp[:, None])  # K padding holds the zero point
+    # dequantisation error <= half a step
+    deq = (aq[:, :k].astype(F32) - zp[:, None]) * sa[:, None]
+    assert np.all(np.abs(deq - x) <= sa[:, None] * 0.5001 + 1e-30)
+
+
+# ---- GEMM: exact int32 accumulators ---------------------------------------------------------------
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 300), k=st.integers(1, 200), n=st.integers(1, 150), seed=st.integers(0, 2 ** 31),
+       asym=st.booleans())
+def test_accumulators_exact(path, m, k, n, seed, asym):
+    rng, wq, wp, cs = make(m, k, n, seed)
+    q = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    zp = (np.full(m, 128) if not asym else rng.integers(0, 256, m)).astype(np.int32)
+    aq = padded_a(q, zp, wp.shape[1] * 4)
+    raw = run_raw(path, aq, np.ones(m, F32), zp, wp, cs, n, 0, m, 0, wp.shape[0])
+    np.testing.assert_array_equal(raw, acc_ref(aq, zp, wq))
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 300), k=st.integers(1, 100), n=st.integers(1, 200), seed=st.integers(0, 2 ** 31),
+       data=st.data())
+def test_row_and_panel_subranges(path, m, k, n, seed, data):
+    rng, wq, wp, cs = make(m, k, n, seed)
+    zp = rng.integers(0, 256, m).astype(np.int32)
+    aq = padded_a(rng.integers(0, 256, (m, k)).astype(np.uint8), zp, wp.shape[1] * 4)
+    npn = g.path_blocking(path)[1]
+    groups = wp.shape[0] // npn
+    r0 = data.draw(st.integers(0, m))
+    r1 = data.draw(st.integers(r0, m))
+    q0 = data.draw(st.integers(0, groups))
+    q1 = data.draw(st.integers(q0, groups))
+    raw = run_raw(path, aq, np.ones(m, F32), zp, wp, cs, n, r0, r1, q0 * npn, q1 * npn)
+    want = np.full((m, n), SENTINEL_I, np.int32)
+    c0, c1 = min(q0 * npn * 16, n), min(q1 * npn * 16, n)
+    want[r0:r1, c0:c1] = acc_ref(aq, zp, wq)[r0:r1, c0:c1]
+    np.testing.assert_array_equal(raw, want)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("k", [4, 1537, 8192])
+def test_worst_case_accumulation(path, k):
+    """|a - zp| = 255 and |w| = 127 everywhere with equal signs: the largest sums, still exact."""
+    m, n = 5, 33
+    _, wq, wp, cs = make(m, k, n, k, extreme=True)
+    wq[:, :] = 127
+    wq[1::2, :] = -127
+    wp, cs = g.pack_weight(wq), g.column_sums(g.pack_weight(wq))
+    zp = np.array([0, 255, 0, 255, 128], np.int32)
+    q = np.where(zp[:, None] == 0, 255, 0).astype(np.uint8).repeat(k, axis=1)
+    aq = padded_a(q, zp, wp.shape[1] * 4)
+    raw = run_raw(path, aq, np.ones(m, F32), zp, wp, cs, n, 0, m, 0, wp.shape[0])
+    want = acc_ref(aq, zp, wq)
+    assert np.abs(want).max() == 255 * 127 * k
+    np.testing.assert_array_equal(raw, want)
+
+
+def test_accumulation_bound_is_documented_and_safe():
+    assert 255 * 127 * g.K_MAX < 2 ** 31 - 1
+    assert 255 * 127 * (g.K_MAX + 2000) > 2 ** 31 - 1 or g.K_MAX + 2000 > 66311
+
+
+# ---- GEMM: float epilogue ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("act", [ACT_NONE, ACT_RELU, ACT_GELU_ERF])
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 140), k=st.integers(1, 130), n=st.integers(1, 100), seed=st.integers(0, 2 ** 31),
+       use_bias=st.booleans(), use_res=st.booleans(), asym=st.sampled_from([0, 1]))
+def test_float_epilogue(path, act, m, k, n, seed, use_bias, use_res, asym):
+    rng, wq, wp, cs = make(m, k, n, seed)
+    x = rng.standard_normal((m, k)).astype(F32)
+    kp = wp.shape[1] * 4
+    aq, sa, zp = np.empty((m, kp), np.uint8), np.empty(m, F32), np.empty(m, np.int32)
+    g.quantize_rows(x, asym, aq, sa, zp, 0, m)
+    ws = (rng.random(n) * 0.02 + 1e-3).astype(F32)
+    bias = rng.standard_normal(n).astype(F32) if use_bias else None
+    res = rng.standard_normal((m, n)).astype(F32) if use_res else None
+    out = np.full((m, n), SENTINEL_F, F32)
+    g.linear_s8(path)(aq, sa, zp, wp, cs, ws, n, NO_BIAS if bias is None else bias, NO_RES if res is None else res,
+                      act, out, NO_RAW, 0, m, 0, wp.shape[0])
+    want = epilogue_ref(acc_ref(aq, zp, wq), sa, ws, bias, res, act)
+    if act == ACT_GELU_ERF:
+        np.testing.assert_allclose(out, want, rtol=2e-6, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(out, want)  # the same float32 operations in the same order
+
+
+# ---- path selection ----------------------------------------------------------------------------------
+
+def test_vnni_not_selected_without_the_feature(monkeypatch):
+    no_vnni = {"avx512f": True, "avx512bw": True, "avx512vl": True, "avx512vnni": False, "avx2": True}
+    assert not g.vnni_available(no_vnni)
+    assert g.select_path(no_vnni) == g.PATH_PAIRS
+    assert g.available_paths(no_vnni) == [g.PATH_PAIRS]
+    assert g.select_path({}) == g.PATH_PAIRS
+    yes = dict(no_vnni, avx512vnni=True)
+    monkeypatch.delenv("EDGEFORMER_INT8_PATH", raising=False)
+    if not g._cpu_overridden():
+        assert g.select_path(yes) == g.PATH_VNNI
+    # the host-feature dict itself monkeypatched: the op layer's choice follows it, and asking for the
+    # VNNI kernel raises in Python instead of compiling anything
+    monkeypatch.setattr(g, "host_features", lambda: dict(no_vnni))
+    assert not g.vnni_available() and g.select_path() == g.PATH_PAIRS
+    with pytest.raises(RuntimeError, match="VNNI"):
+        g.linear_s8(g.PATH_VNNI)
+
+
+def test_vnni_not_selected_when_numba_cpu_is_overridden(monkeypatch):
+    monkeypatch.setenv("NUMBA_CPU_NAME", "generic")
+    yes = {"avx512f": True, "avx512bw": True, "avx512vl": True, "avx512vnni": True}
+    assert not g.vnni_available(yes) and g.select_path(yes) == g.PATH_PAIRS
+
+
+def test_forced_portable_path(monkeypatch):
+    monkeypatch.setenv("EDGEFORMER_INT8_PATH", "pairs")
+    assert g.select_path() == g.PATH_PAIRS
+
+
+def test_every_runnable_path_is_tested():
+    assert g.PATH_PAIRS in PATHS
+    if g.vnni_available():
+        assert g.PATH_VNNI in PATHS
+
+
+def test_quantize_weight_mse_never_worse_than_maxabs():
+    w = np.random.default_rng(3).standard_normal((20, 300)).astype(F32)
+    w[0, 0] = 25.0  # an outlier: clipping pays
+    errs = {}
+    for method in ("maxabs", "mse"):
+        wq, s = g.quantize_weight(w, method)
+        assert wq.min() >= -127 and np.all(s > 0)
+        errs[method] = ((wq.astype(np.float64) * s[:, None] - w) ** 2).sum(axis=1)
+    assert np.all(errs["mse"] <= errs["maxabs"] + 1e-12)
+    with pytest.raises(ValueError):
+        g.quantize_weight(w, "percentile")
