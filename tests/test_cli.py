@@ -62,3 +62,37 @@ def test_precompile_bench_info(tiny_file, tmp_path, capsys):
     assert [c["shape"] for c in cells] == ["1x8", "2x4"] and all(c["median_ms"] > 0 for c in cells)
     assert main(["info"]) == 0
     assert "numba cache" in capsys.readouterr().out
+
+
+def test_convert_quantized_and_onnx_and_check(tiny_dir, tmp_path, capsys):
+    import edgeformer
+
+    int8 = tmp_path / "tiny-int8.edgeformer"
+    assert main(["convert", str(tiny_dir), "-o", str(int8), "--quantize", "dynamic-int8",
+                 "--keep-fp32", "encoder.layer.1.*"]) == 0
+    formats = {n.name: n.attrs.get("format") for n in edgeformer.load(int8).graph.nodes if n.op == "linear"}
+    assert formats["encoder.layer.0.attention.qkv"] == "int8" and formats["encoder.layer.1.output.dense"] == "fp32"
+
+    import torch
+    from transformers import BertModel
+
+    net = BertModel.from_pretrained(str(tiny_dir), add_pooling_layer=False).eval()
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, input_ids, attention_mask):
+            return self.net(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    onnx_path = tmp_path / "tiny.onnx"
+    ids = torch.ones((1, 8), dtype=torch.long)
+    torch.onnx.export(Wrapper(), (ids, torch.ones_like(ids)), str(onnx_path), dynamo=False, opset_version=17,
+                      input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+                      dynamic_axes={n: {0: "b", 1: "s"} for n in ("input_ids", "attention_mask", "last_hidden_state")})
+    converted = tmp_path / "from-onnx.edgeformer"
+    assert main(["convert", str(onnx_path), "-o", str(converted)]) == 0
+    assert main(["check", str(onnx_path), "--model", str(converted), "--batch", "3", "--seq", "9"]) == 0
+    assert "last_hidden_state" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "missing.onnx"), "-o", str(converted)]) == 1
