@@ -52,6 +52,17 @@ def sentence_transformers_head(directory: Path) -> tuple[str | None, bool, int |
     return pooling, normalize, max_len
 
 
+def add_sentence_head(builder, pooling: str | None, normalize: bool) -> None:
+    """Pooling (mean or cls) and optional L2 normalisation after last_hidden_state -> sentence_embedding."""
+    if not pooling:
+        return
+    value = builder.add("pool", "pooling", ["last_hidden_state"], attrs={"mode": pooling},
+                        output=None if normalize else "sentence_embedding")
+    if normalize:
+        builder.add("normalize", "normalize", [value], attrs={"p": 2, "eps": 1e-12}, output="sentence_embedding")
+    builder.output("sentence_embedding")
+
+
 def convert_hf_directory(src, out, *, progress: bool = False, quantize: str | None = None, keep_fp32=(),
                          activation_quant: str = "asymmetric", weight_method: str = "maxabs") -> Path:
     """Convert a checkpoint directory. quantize: None (fp32), "dynamic-int8" or "weights-int8" for the
@@ -77,12 +88,7 @@ def convert_hf_directory(src, out, *, progress: bool = False, quantize: str | No
         tensors = LOADERS[model_type](config, ckpt, builder, quantize=policy)
 
     pooling, normalize, max_len = sentence_transformers_head(directory)
-    if pooling:
-        value = builder.add("pool", "pooling", ["last_hidden_state"], attrs={"mode": pooling},
-                            output=None if normalize else "sentence_embedding")
-        if normalize:
-            builder.add("normalize", "normalize", [value], attrs={"p": 2, "eps": 1e-12}, output="sentence_embedding")
-        builder.output("sentence_embedding")
+    add_sentence_head(builder, pooling, normalize)
     graph = builder.build()
     validate(graph, tensors, REGISTRY)  # fail here, not on the device
 

@@ -59,6 +59,7 @@ def write_tiny_bert(path, *, hidden=40, heads=5, layers=2, ffn=72, vocab=120, po
     """
     from converters.bert import load_bert
     from converters.checkpoint import Checkpoint
+    from converters.hf import add_sentence_head
     from edgeformer.format import write_model
     from edgeformer.graph import GraphBuilder, validate
     from edgeformer.ops import REGISTRY
@@ -73,12 +74,7 @@ def write_tiny_bert(path, *, hidden=40, heads=5, layers=2, ffn=72, vocab=120, po
     builder = GraphBuilder(f"tiny-bert-{hidden}x{layers}")
     tensors = load_bert(config, ckpt, builder)
     assert ckpt.used == set(arrays), sorted(set(arrays) - ckpt.used)  # every weight reached the graph
-    if pooling:
-        value = builder.add("pool", "pooling", ["last_hidden_state"], attrs={"mode": pooling},
-                            output=None if normalize else "sentence_embedding")
-        if normalize:
-            builder.add("normalize", "normalize", [value], attrs={"p": 2, "eps": 1e-12}, output="sentence_embedding")
-        builder.output("sentence_embedding")
+    add_sentence_head(builder, pooling, normalize)
     graph = builder.build()
     validate(graph, tensors, REGISTRY)
     metadata = {"source": "tests.helpers.write_tiny_bert", "model_type": "bert", "max_length": str(positions)}
