@@ -35,7 +35,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from edgeformer.kernels._jit import helper, kernel
-from edgeformer.kernels.mathfn import ACT_GELU_ERF, ACT_GELU_TANH, ACT_NONE, ACT_RELU, gelu_erf, gelu_tanh, relu
+from edgeformer.kernels.mathfn import ACT_NONE, act_inplace
 
 NR = 16  # panel width (floats): the packed-weight format; fixed, independent of the CPU
 
@@ -281,20 +281,6 @@ def _micro(mr, npn, a, a_off, b, b_off, pstride, k, bias, bias_off, use_bias, d,
 
 # ---- driver -------------------------------------------------------------------------------------
 
-@helper
-def _act_inplace(t, n, act):
-    """t[:n] = act(t[:n]) for a contiguous scratch tile."""
-    if act == ACT_RELU:
-        for j in range(n):
-            t[j] = relu(t[j])
-    elif act == ACT_GELU_ERF:
-        for j in range(n):
-            t[j] = gelu_erf(t[j])
-    elif act == ACT_GELU_TANH:
-        for j in range(n):
-            t[j] = gelu_tanh(t[j])
-
-
 @kernel
 def linear_packed_f32(x, wp, n_out, bias, residual, act, out, r0, r1, p0, p1):
     """out[r0:r1, cols of panels p0:p1] = act(x[r0:r1] @ W^T + bias) + residual (columns >= n_out untouched).
@@ -367,7 +353,7 @@ def linear_packed_f32(x, wp, n_out, bias, residual, act, out, r0, r1, p0, p1):
                             t = tile[i * width:i * width + ncol]
                             for j in range(ncol):
                                 t[j] += bb[j]
-                _act_inplace(tile, mrb * width, act)
+                act_inplace(tile[: mrb * width], act)
                 for i in range(mrb):
                     t = tile[i * width:i * width + ncol]
                     o = out[b0 + i, col0:col0 + ncol]

@@ -5,22 +5,7 @@ Aliasing: a loop that reads one array and writes another gets a runtime overlap 
 falls back to scalar code when they are the same buffer, so in-place work loops over `out` alone.
 """
 from edgeformer.kernels._jit import helper, kernel
-from edgeformer.kernels.mathfn import ACT_GELU_ERF, ACT_GELU_TANH, ACT_RELU, gelu_erf, gelu_tanh, relu
-
-
-@helper
-def _act_inplace(v, act):
-    """v[:] = act(v) on a 1-D row view; the branch on `act` sits outside the loops."""
-    n = v.shape[0]
-    if act == ACT_RELU:
-        for j in range(n):
-            v[j] = relu(v[j])
-    elif act == ACT_GELU_ERF:
-        for j in range(n):
-            v[j] = gelu_erf(v[j])
-    elif act == ACT_GELU_TANH:
-        for j in range(n):
-            v[j] = gelu_tanh(v[j])
+from edgeformer.kernels.mathfn import ACT_GELU_ERF, ACT_GELU_TANH, ACT_RELU, act_inplace, gelu_erf, gelu_tanh, relu
 
 
 @helper
@@ -47,6 +32,6 @@ def activation(x, act, out, r0, r1):
     inplace = x.ctypes.data == out.ctypes.data
     for r in range(r0, r1):
         if inplace:
-            _act_inplace(out[r], act)  # (n,)
+            act_inplace(out[r], act)  # (n,)
         else:
             _act_copy(x[r], out[r], act)  # (n,) -> (n,)

@@ -269,3 +269,18 @@ def apply_act(v, act):
     if act == ACT_GELU_TANH:
         return gelu_tanh(v)
     return v
+
+
+@helper
+def act_inplace(v, act):
+    """v[:] = act(v) over a 1-D array view; the branch on `act` sits outside the loops so each vectorises."""
+    n = v.shape[0]
+    if act == ACT_RELU:
+        for j in range(n):
+            v[j] = relu(v[j])
+    elif act == ACT_GELU_ERF:
+        for j in range(n):
+            v[j] = gelu_erf(v[j])
+    elif act == ACT_GELU_TANH:
+        for j in range(n):
+            v[j] = gelu_tanh(v[j])
