@@ -1,5 +1,6 @@
-"""ONNX import: BERT-family encoder exports (torch.onnx TorchScript exporter, ORT transformer optimizer)
--> edgeformer's coarse-op graph. Needs the ``onnx`` package (and onnxruntime for ``check_onnx``)."""
+"""ONNX import: BERT-family encoder and GPT-2 decoder exports (torch.onnx TorchScript and dynamo exporters, ORT
+transformer optimizer) -> edgeformer's coarse-op graph. Needs the ``onnx`` package (and onnxruntime for
+``check_onnx``)."""
 from converters.onnx_import.convert import convert_onnx
 from converters.onnx_import.errors import OnnxFormatError, OnnxImportError, UnsupportedOnnxError
 

@@ -1,4 +1,4 @@
-"""ONNX encoder export -> edgeformer model file (coarse ops only)."""
+"""ONNX encoder / GPT-2 decoder export -> edgeformer model file (coarse ops only)."""
 from __future__ import annotations
 
 import json
@@ -120,7 +120,7 @@ def build_graph(model, *, outputs: list[str] | None = None):
 
 
 def convert_onnx(src_path, out_path, *, tokenizer_json: str | None = None, outputs: list[str] | None = None) -> Path:
-    """Convert a BERT-family ONNX export (plain or ORT-optimized) into an edgeformer model file.
+    """Convert a BERT-family or GPT-2 ONNX export (plain or ORT-optimized) into an edgeformer model file.
 
     Raises OnnxFormatError for malformed files and UnsupportedOnnxError (listing every node that could not be
     fused, grouped by (domain, op_type, opset)) for graphs outside the supported patterns.

@@ -1,4 +1,4 @@
-"""Walk an ONNX encoder graph once, in topological order, giving every value an abstract meaning
+"""Walk an ONNX encoder / GPT-2 decoder graph once, in topological order, giving every value an abstract meaning
 (``values.py``), and emit edgeformer's coarse ops for whatever the graph outputs need.
 
 Matching is by dataflow and by numerical probing, never by node names:
@@ -14,8 +14,8 @@ Matching is by dataflow and by numerical probing, never by node names:
   composed as functions and identified by probing: identity, GELU (erf or tanh), ReLU -> the linear's or an
   activation op; layer norm (gamma, beta and eps recovered, then verified) -> layer_norm.
 
-ORT contrib ops (EmbedLayerNormalization, Attention, SkipLayerNormalization, BiasGelu, FastGelu, Gelu,
-LayerNormalization) are translated into the same abstract values.
+ORT contrib ops (EmbedLayerNormalization, Attention, MultiHeadAttention, SkipLayerNormalization, BiasGelu, FastGelu,
+Gelu, LayerNormalization) are translated into the same abstract values.
 """
 from __future__ import annotations
 
@@ -144,7 +144,9 @@ class Interpreter:
                     self.values[name] = value if value is not None else Bad([(self.key(node), "output not produced")])
 
     def interpret(self, node, ins):
-        bad = [c for v in ins if isinstance(v, Bad) for c in v.causes]
+        # deduplicated: a failure reaches later nodes along many paths (a layer norm reads x 3 times), and
+        # concatenating cause lists would double them at every such node
+        bad = list(dict.fromkeys(c for v in ins if isinstance(v, Bad) for c in v.causes))
         if node.domain not in ("", "ai.onnx", "com.microsoft"):
             raise Unsupported(bad, f"unknown domain {node.domain!r}")
         if node.domain == "com.microsoft" and not hasattr(self, f"ms_{node.op_type}"):
@@ -198,11 +200,12 @@ class Interpreter:
 
         def dims(env):
             if isinstance(x, Row):
-                shape = (env.batch, env.seq, x.width)
+                shape = (env.batch * env.seq, x.width) if x.flat else (env.batch, env.seq, x.width)
             elif isinstance(x, Heads):
                 shape = x.dims(env)
             elif isinstance(x, (Scores, Probs, ProbsNaN)):
-                shape = (env.batch, self._heads_of(x), env.seq, env.seq)
+                q = self._scores_of(x).q
+                shape = q.with_(order=q.order[:-2] + ("S", "S")).dims(env)
             else:
                 raise EvalError(f"Shape of {type(x).__name__}")
             return np.array(shape[start:end], dtype=np.int64)
@@ -210,10 +213,10 @@ class Interpreter:
         return Dyn(dims, label="Shape", node_key=self.key(node))
 
     @staticmethod
-    def _heads_of(x):
+    def _scores_of(x) -> Scores:
         while not isinstance(x, Scores):
             x = x.probs if isinstance(x, ProbsNaN) else x.scores
-        return x.q.heads
+        return x
 
     # ---- probing of Dyn values --------------------------------------------------------------
     def probe(self, dyn: Value, env: Env):
@@ -267,8 +270,12 @@ class Interpreter:
                 return ("position", c)
         return None
 
-    def verify_mask(self, bias_fn, masked_value_check) -> str:
-        """Probe an attention-mask subgraph on a right-padded batch: 'mask' (padding mask), 'none' (no effect)."""
+    def verify_mask(self, bias_fn, masked_value_check) -> tuple[bool, bool]:
+        """Probe an attention-mask subgraph on a right-padded batch; returns (padding mask?, causal mask?).
+
+        Between valid tokens the bias must keep every key at or before the query; keys after it must be all kept
+        (bidirectional) or all dropped (causal, GPT-2). Padded keys must be all dropped (padding mask) or all kept
+        (no padding mask; edgeformer never attends to padding anyway)."""
         env = self.mask_env
         valid = env.inputs["attention_mask"].astype(bool)  # (B, S)
         try:
@@ -285,16 +292,24 @@ class Interpreter:
             raise Unsupported([], f"attention mask of shape {m.shape} does not broadcast to (B, H, S, S)") from None
         q_valid = valid[:, None, :, None]
         k_valid = valid[:, None, None, :]
-        keep = np.broadcast_to(q_valid & k_valid, m.shape)
+        later = (np.arange(env.seq)[None, :] > np.arange(env.seq)[:, None])[None, None]  # key after query
+        keep = np.broadcast_to(q_valid & k_valid & ~later, m.shape)
+        ahead = np.broadcast_to(q_valid & k_valid & later, m.shape)
         drop = np.broadcast_to(q_valid & ~k_valid, m.shape)
         kept_ok, dropped = masked_value_check(m)
         if not np.all(kept_ok[keep]):
-            raise Unsupported([], "the attention bias changes scores between valid tokens (not a padding mask; "
-                                  "causal or relative-position biases are not supported)")
+            raise Unsupported([], "the attention bias changes scores between valid tokens (not a padding or causal "
+                                  "mask; relative-position biases are not supported)")
+        if np.all(dropped[ahead]) and np.any(ahead):
+            causal = True
+        elif np.all(kept_ok[ahead]):
+            causal = False
+        else:
+            raise Unsupported([], "the attention bias masks some later keys only (neither bidirectional nor causal)")
         if np.all(dropped[drop]):
-            return "mask"
+            return True, causal
         if not np.any(dropped[drop]):
-            return "none"
+            return False, causal
         raise Unsupported([], "the attention bias masks only some padded keys (not a padding mask)")
 
     # ---- embeddings --------------------------------------------------------------------------
@@ -354,7 +369,7 @@ class Interpreter:
         if op != "ReduceMean" and any(w not in (1, width) for w in widths):
             raise Unsupported([], f"{op} with incompatible widths {widths}")
         if op in ("Cast", "Identity", "Dropout"):  # float -> float: probes stay in float64
-            return [Row(src, rows[0].fn, rows[0].width, rows[0].nodes + [self.key(node)])] + \
+            return [Row(src, rows[0].fn, rows[0].width, rows[0].nodes + [self.key(node)], flat=rows[0].flat)] + \
                 [None] * (len(node.output) - 1)
         # probes run in float64: float constants are promoted (onnx.reference insists on equal input types)
         fns = [None if v is None else (v.apply if isinstance(v, Row) else
@@ -366,7 +381,7 @@ class Interpreter:
             return ev.run(node, [None if f is None else f(x) for f in fns])[0]
 
         nodes = [k for r in rows for k in r.nodes] + [self.key(node)]
-        return [Row(src, fn, width, nodes)] + [None] * (len(node.output) - 1)
+        return [Row(src, fn, width, nodes, flat=rows[0].flat)] + [None] * (len(node.output) - 1)
 
     def identify(self, row: Row):
         """('identity',) / ('act', name) / ('ln', gamma, beta, eps) / None."""
@@ -425,7 +440,7 @@ class Interpreter:
             raise Unsupported([], f"{node.op_type}: expected a token tensor, got {type(v).__name__}")
         if v.fn is None:
             return v
-        return Row(ValueSrc(self.materialize_row(v), v.width), nodes=v.nodes)
+        return Row(ValueSrc(self.materialize_row(v), v.width), nodes=v.nodes, flat=v.flat)
 
     def op_Identity(self, node, ins):
         return ins[0]
@@ -448,10 +463,11 @@ class Interpreter:
                 raise Unsupported([], f"MatMul of a width-{a.width} token tensor by a {list(w.shape)} constant")
             lin = LinearSrc(a, np.ascontiguousarray(w.T, dtype=np.float32), name=node.name or "linear",
                             nodes=[self.key(node)])
-            return Row(lin, nodes=[self.key(node)])
+            return Row(lin, nodes=[self.key(node)], flat=a.flat)
         if isinstance(a, Heads) and isinstance(b, Heads):
-            if a.order[:2] == ("B", "H") and b.order[:2] == ("B", "H") and a.order[2:] == ("S", "D") \
-                    and b.order[2:] == ("D", "S") and a.heads == b.heads and a.head_dim == b.head_dim:
+            if a.letters == "BHSD" and b.letters == "BHDS" and a.order[:-2] == b.order[:-2] \
+                    and a.order[-2:] == ("S", "D") and b.order[-2:] == ("D", "S") and a.heads == b.heads \
+                    and a.head_dim == b.head_dim:
                 return Scores(a, b)
             raise Unsupported([], f"MatMul of heads {a.order} x {b.order}")
         if isinstance(a, (Probs, ProbsNaN)) and isinstance(b, Heads):
@@ -475,17 +491,18 @@ class Interpreter:
                 return Row(EmbSrc(slots, a.width, nodes), nodes=nodes)
             if a.src is b.src:
                 return None  # row-local
-            if a.width != b.width:
+            if a.width != b.width or a.flat != b.flat:
                 raise Unsupported([], f"Add of token tensors of widths {a.width} and {b.width}")
             nodes = a.nodes + b.nodes + [self.key(node)]
-            return Row(SumSrc(a, b, nodes), nodes=nodes)
+            return Row(SumSrc(a, b, nodes), nodes=nodes, flat=a.flat)
         if isinstance(a, Row) and isinstance(b, Const):
             c = b.array
             vec = c.reshape(-1) if c.ndim <= 3 and all(d == 1 for d in c.shape[:-1]) and c.size == a.width else None
             if vec is not None and a.fn is None and c.dtype.kind == "f":
                 if isinstance(a.src, LinearSrc) and a.src.plain:
                     bias = vec.astype(np.float32) if a.src.b is None else a.src.b + vec.astype(np.float32)
-                    return Row(a.src.replace(b=bias, nodes=a.src.nodes + [self.key(node)]), nodes=a.nodes + [self.key(node)])
+                    return Row(a.src.replace(b=bias, nodes=a.src.nodes + [self.key(node)]),
+                               nodes=a.nodes + [self.key(node)], flat=a.flat)
                 if isinstance(a.src, EmbSrc):
                     slots = dict(a.src.slots)
                     slots["const"] = slots.get("const", 0) + vec.astype(np.float32)
@@ -494,9 +511,9 @@ class Interpreter:
         if isinstance(b, Scores) or isinstance(a, Scores):
             scores, bias = (a, b) if isinstance(a, Scores) else (b, a)
             if isinstance(bias, (Dyn, Const)):
-                kind = self.verify_mask(lambda env: self.value_of(bias, env),
-                                        lambda m: (np.abs(m) <= 1e-6, m <= -1e4))
-                return scores.with_(masked=scores.masked or kind == "mask")
+                masked, causal = self.verify_mask(lambda env: self.value_of(bias, env),
+                                                  lambda m: (np.abs(m) <= 1e-6, m <= -1e4))
+                return scores.with_(masked=scores.masked or masked, causal=scores.causal or causal)
         return None
 
     def _scale(self, node, ins, divide=False):
@@ -547,8 +564,8 @@ class Interpreter:
                 f = np.asarray(self.value_of(fill, env), dtype=np.float64)
                 return np.where(c, 0.0, f) if scores_if_true else np.where(c, f, 0.0)
 
-            kind = self.verify_mask(bias, check)
-            return scores.with_(masked=scores.masked or kind == "mask")
+            masked, causal = self.verify_mask(bias, check)
+            return scores.with_(masked=scores.masked or masked, causal=scores.causal or causal)
         return None
 
     def _resolve_shape(self, node, target: Value, current_fn):
@@ -572,9 +589,12 @@ class Interpreter:
         x, target = ins
         if isinstance(x, Row):
             row = self.as_plain(x, node)
-            shapes = self._resolve_shape(node, target, lambda env: (env.batch, env.seq, row.width))
+            shapes = self._resolve_shape(node, target, lambda env: (env.batch * env.seq, row.width) if row.flat
+                                         else (env.batch, env.seq, row.width))
             if all(t == [env.batch, env.seq, row.width] for env, t in shapes):
-                return row
+                return self._with_flat(row, False)
+            if all(t == [env.batch * env.seq, row.width] for env, t in shapes):  # Conv1D / Linear on 2-D
+                return self._with_flat(row, True)
             hd = {tuple(t[2:]) for _, t in shapes}
             if len(hd) == 1 and all(len(t) == 4 and t[:2] == [env.batch, env.seq] for env, t in shapes):
                 heads, head_dim = hd.pop()
@@ -585,18 +605,114 @@ class Interpreter:
             shapes = self._resolve_shape(node, target, x.dims)
             if all(tuple(t) == x.dims(env) for env, t in shapes):
                 return x
-            if x.order == ("B", "S", "H", "D") and all(t == [env.batch, env.seq, x.heads * x.head_dim]
-                                                      for env, t in shapes):
+            order = self._regroup(x, shapes)
+            if order is None:
+                raise Unsupported([], f"Reshape of heads {x.order} to {[t for _, t in shapes]}")
+            if order in (("B", "S", "HD"), ("BS", "HD")):  # heads merged back into a token tensor
                 if x.scale != 1.0:
                     raise Unsupported([], "scaled heads merged back into a token tensor")
-                return x.row
-            raise Unsupported([], f"Reshape of heads {x.order} to {[t for _, t in shapes]}")
+                return self._with_flat(x.row, order == ("BS", "HD"))
+            return x.with_(order=order)
         return None
+
+    @staticmethod
+    def _regroup(x: Heads, shapes):
+        """The axis grouping of x's letters (memory order) that gives the Reshape target on every probe, or None."""
+        letters = x.letters
+
+        def groupings(rest, parts):
+            if parts == 1:
+                yield (rest,)
+                return
+            for cut in range(1, len(rest) - parts + 2):
+                for tail in groupings(rest[cut:], parts - 1):
+                    yield (rest[:cut],) + tail
+
+        n = {len(t) for _, t in shapes}
+        if len(n) != 1:
+            return None
+        n = n.pop()
+        if not 1 <= n <= len(letters):
+            return None
+        for order in groupings(letters, n):
+            if all(tuple(t) == x.with_(order=order).dims(env) for env, t in shapes):
+                return order
+        return None
+
+    @staticmethod
+    def _with_flat(row: Row, flat: bool) -> Row:
+        if row.flat == flat:
+            return row
+        return Row(row.src, row.fn, row.width, row.nodes, flat=flat)
+
+    def op_Gemm(self, node, ins):
+        """Y = alpha A' B' + beta C with A a (B*S, K) token tensor, B and C constants (GPT-2's Conv1D)."""
+        a, w, c = ins[0], ins[1], ins[2] if len(ins) > 2 else None
+        if not isinstance(a, Row) or not isinstance(w, Const) or (c is not None and not isinstance(c, Const)):
+            return None
+        if _attr(node, "transA", 0):
+            raise Unsupported([], "Gemm with transA of a token tensor")
+        w = w.array
+        if w.ndim != 2 or w.dtype.kind != "f":
+            raise Unsupported([], f"Gemm by a {list(w.shape)} constant")
+        w = w if _attr(node, "transB", 0) else w.T  # (N, K)
+        if w.shape[1] != a.width:
+            raise Unsupported([], f"Gemm of a width-{a.width} token tensor by a {list(ins[1].array.shape)} constant")
+        alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
+        row = self.as_plain(a, node) if a.fn is not None else a
+        lin = LinearSrc(row, np.ascontiguousarray(w * np.float32(alpha), dtype=np.float32), name=node.name or "linear",
+                        nodes=[self.key(node)])
+        if c is not None and beta != 0.0:
+            cv = c.array
+            if cv.size not in (1, lin.width) or (cv.ndim == 2 and cv.shape[0] != 1) or cv.ndim > 2:
+                raise Unsupported([], f"Gemm bias of shape {list(cv.shape)} (only per-column biases)")
+            lin = lin.replace(b=np.ascontiguousarray(np.broadcast_to(cv.reshape(-1) * beta, (lin.width,)), np.float32))
+        return Row(lin, nodes=[self.key(node)], flat=a.flat)
+
+    def op_Split(self, node, ins):
+        """Split of a fused projection along the hidden axis (GPT-2's c_attn into Q, K, V): one linear each."""
+        x = ins[0]
+        if not isinstance(x, Row):
+            return None
+        axis = _attr(node, "axis", 0)
+        if axis not in (-1, 1 if x.flat else 2):
+            raise Unsupported([], f"Split of a token tensor along axis {axis} (only the hidden axis)")
+        n = len(node.output)
+        sizes = _attr(node, "split")
+        if sizes is None and len(ins) > 1 and ins[1] is not None:
+            if not isinstance(ins[1], Const):
+                raise Unsupported([], "Split sizes are not constant")
+            sizes = ins[1].array.reshape(-1).tolist()
+        if sizes is None:
+            if x.width % n:
+                if _attr(node, "num_outputs") is None:
+                    raise Unsupported([], f"Split of width {x.width} into {n} equal parts")
+                part = -(-x.width // n)
+                sizes = [part] * (n - 1) + [x.width - part * (n - 1)]
+            else:
+                sizes = [x.width // n] * n
+        sizes = [int(v) for v in sizes]
+        if len(sizes) != n or sum(sizes) != x.width or min(sizes) < 0:
+            raise Unsupported([], f"Split sizes {sizes} of a width-{x.width} token tensor")
+        return self._column_slices(node, x, np.cumsum([0] + sizes))
+
+    def _column_slices(self, node, x: Row, bounds):
+        if x.fn is not None or not isinstance(x.src, LinearSrc) or not x.src.plain:
+            raise Unsupported([], f"{node.op_type} of a token tensor that is not a plain linear projection")
+        lin, outs = x.src, []
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            part = lin.replace(w=lin.w[start:stop], b=None if lin.b is None else lin.b[start:stop],
+                               nodes=lin.nodes + [self.key(node)])
+            part.name = f"{lin.name}.{start}_{stop}"
+            outs.append(Row(part, nodes=x.nodes + [self.key(node)], flat=x.flat))
+        return outs
 
     def op_Transpose(self, node, ins):
         x = ins[0]
         if isinstance(x, Heads):
-            perm = _attr(node, "perm", list(range(3, -1, -1)))
+            perm = _attr(node, "perm", list(range(len(x.order) - 1, -1, -1)))
+            if sorted(perm) != list(range(len(x.order))):
+                raise Unsupported([], f"Transpose of heads {x.order} by {list(perm)}")
             return x.with_(order=tuple(x.order[p] for p in perm))
         return None
 
@@ -609,7 +725,8 @@ class Interpreter:
 
     def emit_attention(self, node, scores: Scores, v: Heads):
         q, k = scores.q, scores.k
-        if v.order != ("B", "H", "S", "D") or v.heads != q.heads or v.head_dim != q.head_dim:
+        if v.letters != "BHSD" or v.order[-2:] != ("S", "D") or v.order[:-2] != q.order[:-2] \
+                or v.heads != q.heads or v.head_dim != q.head_dim:
             raise Unsupported([], f"attention values of layout {v.order}")
         lq, lk, lv = (self._projection(h, n) for h, n in ((q, "query"), (k, "key"), (v, "value")))
         xq, xk, xv = lq.x, lk.x, lv.x
@@ -629,12 +746,15 @@ class Interpreter:
         qkv = LinearSrc(xq, w, b, name=(lq.name or "attention") + ".qkv")
         qkv_value = self.materialize_src(qkv)
         scale = scores.scale * q.scale * k.scale
-        if not scores.masked:
+        if not scores.masked and not scores.causal:
             self.warnings.append(f"attention at {node.name!r} applies no padding mask in the ONNX graph; edgeformer "
                                  "always attends to the valid tokens only (same result without padding)")
-        out = self.builder.add("attention", self.unique((node.name or "attention") + ".attention"), [qkv_value], attrs={
-            "kind": "softmax", "num_heads": q.heads, "head_dim": q.head_dim, "scale": float(scale)})
-        return Heads(Row(ValueSrc(out, width)), ("B", "H", "S", "D"), q.heads, q.head_dim)
+        attrs = {"kind": "softmax", "num_heads": q.heads, "head_dim": q.head_dim, "scale": float(scale)}
+        if scores.causal:
+            attrs["causal"] = True
+        out = self.builder.add("attention", self.unique((node.name or "attention") + ".attention"), [qkv_value],
+                               attrs=attrs)
+        return Heads(Row(ValueSrc(out, width)), v.order, q.heads, q.head_dim)
 
     @staticmethod
     def _same_row(a: Row, b: Row) -> bool:
@@ -642,7 +762,7 @@ class Interpreter:
 
     # ---- ORT contrib ops ------------------------------------------------------------------------
     def _row_fn(self, node, x: Row, fn, width=None):
-        return Row(x.src, (lambda z, f=x.apply: fn(f(z))), width or x.width, x.nodes + [self.key(node)])
+        return Row(x.src, (lambda z, f=x.apply: fn(f(z))), width or x.width, x.nodes + [self.key(node)], flat=x.flat)
 
     def _add_bias(self, node, x, bias):
         if bias is None:
@@ -755,6 +875,57 @@ class Interpreter:
         out = self.builder.add("attention", self.unique(node.name or "attention"), [qkv_value], attrs=attrs)
         return [Row(ValueSrc(out, width), nodes=[self.key(node)])] + [None] * (len(node.output) - 1)
 
+    def ms_MultiHeadAttention(self, node, ins):
+        """Self-attention with separate Q, K, V projections of one token tensor (ORT optimizer's MHA fusion).
+
+        Supported: optional packed bias (3*hidden), key_padding_mask as key lengths (B,), a (B, L) padding mask or a
+        (B, S, L) mask (padding and/or causal), attention_bias verified like an exported mask bias, unidirectional.
+        Not supported: packed QKV (query (B, S, N, 3, H)), BNSH key/value (cross attention), past/present state."""
+        get = lambda i: ins[i] if i < len(ins) else None  # noqa: E731
+        q, k, v, bias, padding, attn_bias = (get(i) for i in range(6))
+        if any(get(i) is not None for i in range(6, len(ins))):
+            raise Unsupported([], "MultiHeadAttention with past key/value state")
+        if k is None or v is None:
+            raise Unsupported([], "MultiHeadAttention with packed QKV (query of shape (B, S, N, 3, H))")
+        if not all(isinstance(t, Row) for t in (q, k, v)):
+            raise Unsupported([], "MultiHeadAttention key/value are not token tensors (BNSH key/value or cross "
+                                  "attention)")
+        heads = int(_attr(node, "num_heads", 0))
+        width = q.width
+        if heads < 1 or width % heads or k.width != width or v.width != width:
+            raise Unsupported([], f"MultiHeadAttention of widths {q.width}/{k.width}/{v.width} with {heads} heads")
+        head_dim = width // heads
+        rows = [q, k, v]
+        if bias is not None:
+            if not isinstance(bias, Const) or bias.array.size != 3 * width:
+                raise Unsupported([], "MultiHeadAttention bias is not a constant of size 3 * hidden")
+            b = bias.array.reshape(-1).astype(np.float32)
+            rows = [self.op_Add(node, [r, Const(b[i * width:(i + 1) * width])]) or
+                    self.row_add(node, r, b[i * width:(i + 1) * width]) for i, r in enumerate(rows)]
+        masked = causal = False
+        check = lambda m: (np.abs(m) <= 1e-6, m <= -1e4)  # noqa: E731
+        if padding is not None:
+            m = np.asarray(self.probe(padding, self.mask_env))
+            if m.ndim == 3:  # (B, S, L): 1 = attend
+                masked, causal = self.verify_mask(
+                    lambda env: np.where(np.asarray(self.value_of(padding, env))[:, None] != 0, 0.0, -1e9), check)
+            else:
+                self.verify_mask_index(padding)
+                masked = True
+        if attn_bias is not None:
+            if not isinstance(attn_bias, (Const, Dyn)):
+                raise Unsupported([], "MultiHeadAttention attention_bias is not a mask")
+            bias_masked, bias_causal = self.verify_mask(lambda env: self.value_of(attn_bias, env), check)
+            masked, causal = masked or bias_masked, causal or bias_causal
+        causal = causal or bool(_attr(node, "unidirectional", 0))
+        scale = float(_attr(node, "scale", 0.0)) or 1.0 / math.sqrt(head_dim)
+        qh, kh, vh = (Heads(r, ("B", "H", "S", "D"), heads, head_dim) for r in rows)
+        scores = Scores(qh, kh.with_(order=("B", "H", "D", "S")), scale=scale, masked=masked, causal=causal)
+        out = self.emit_attention(node, scores, vh).row
+        out.nodes = [self.key(node)]
+        present = Bad([(self.key(node), "MultiHeadAttention present key/value outputs")])
+        return [out] + [present] * (len(node.output) - 1)
+
     def verify_mask_index(self, mask):
         env = self.mask_env
         m = np.asarray(self.probe(mask, env))
@@ -790,9 +961,12 @@ class Interpreter:
                 _, gamma, beta, eps = kind
                 name = self.unique(label)
                 if isinstance(src, SumSrc):
-                    fused = self.fuse_residual(src.a, src.b) or self.fuse_residual(src.b, src.a)
-                    inputs = [self.materialize_src(fused)] if fused else [self.materialize_row(src.a),
-                                                                          self.materialize_row(src.b)]
+                    fused = src.value is not None or self.fuse_residual(src.a, src.b) or \
+                        self.fuse_residual(src.b, src.a)
+                    # materialize_src records the fused linear as the sum's value: a pre-LN block (GPT-2) reads
+                    # the sum again as the next residual, which must not recompute the linear
+                    inputs = [self.materialize_src(src)] if fused else [self.materialize_row(src.a),
+                                                                        self.materialize_row(src.b)]
                 else:
                     inputs = [self.materialize_src(src)]
                 weights = {"gamma": self.store(f"{name}.gamma", gamma), "beta": self.store(f"{name}.beta", beta)}

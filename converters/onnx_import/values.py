@@ -8,7 +8,7 @@ Dyn     a non-float "side" value computable from the graph inputs alone: shapes,
 Row     a token tensor (B, S, width): a source (``Src``) and an optional row-wise function (elementwise ops,
         reductions over the last axis) still to be identified (identity, GELU, layer norm, ...)
 Heads   a Row viewed as (B, S, H, D) in some axis order, with a pending scale
-Scores  Q K^T of two Heads, with scale and whether the padding mask was applied; Probs = softmax(Scores)
+Scores  Q K^T of two Heads, with scale and whether the padding / causal masks were applied; Probs = softmax(Scores)
 Bad     could not be translated; carries the (node, reason) causes for the final error report
 """
 from __future__ import annotations
@@ -101,19 +101,24 @@ class EmbSrc(Src):
 
 
 class Row(Value):
-    """A (B, S, width) token tensor: ``fn(src probe (1, n, src.width)) -> (1, n, width)``, None = identity."""
+    """A (B, S, width) token tensor: ``fn(src probe (1, n, src.width)) -> (1, n, width)``, None = identity.
 
-    def __init__(self, src: Src, fn=None, width: int | None = None, nodes=()):
+    ``flat``: the same tokens viewed as (B*S, width) (GPT-2's Conv1D: Reshape, Gemm, Reshape back); only Shape
+    and Reshape see the difference."""
+
+    def __init__(self, src: Src, fn=None, width: int | None = None, nodes=(), flat: bool = False):
         self.src, self.fn = src, fn
         self.width = src.width if width is None else width
         self.nodes = list(nodes)
+        self.flat = flat
 
     def apply(self, x):
         return x if self.fn is None else self.fn(x)
 
 
 class Heads(Value):
-    """A plain Row (fn None) reshaped to heads; ``order`` names the axes, e.g. ('B', 'H', 'S', 'D')."""
+    """A plain Row (fn None) reshaped to heads; ``order`` names the axes, e.g. ('B', 'H', 'S', 'D'); an axis may
+    merge consecutive ones, e.g. ('BH', 'S', 'D') for the 3-D batched matmuls of dynamo's SDPA decomposition."""
 
     def __init__(self, row: Row, order: tuple, heads: int, head_dim: int, scale: float = 1.0):
         self.row, self.order, self.heads, self.head_dim, self.scale = row, tuple(order), heads, head_dim, scale
@@ -125,15 +130,19 @@ class Heads(Value):
 
     def dims(self, env: Env) -> tuple:
         sizes = {"B": env.batch, "S": env.seq, "H": self.heads, "D": self.head_dim}
-        return tuple(sizes[a] for a in self.order)
+        return tuple(int(np.prod([sizes[c] for c in a])) for a in self.order)
+
+    @property
+    def letters(self) -> str:
+        return "".join(self.order)
 
 
 class Scores(Value):
-    def __init__(self, q: Heads, k: Heads, scale: float = 1.0, masked: bool = False):
-        self.q, self.k, self.scale, self.masked = q, k, scale, masked
+    def __init__(self, q: Heads, k: Heads, scale: float = 1.0, masked: bool = False, causal: bool = False):
+        self.q, self.k, self.scale, self.masked, self.causal = q, k, scale, masked, causal
 
     def with_(self, **changes) -> "Scores":
-        kw = dict(q=self.q, k=self.k, scale=self.scale, masked=self.masked)
+        kw = dict(q=self.q, k=self.k, scale=self.scale, masked=self.masked, causal=self.causal)
         kw.update(changes)
         return Scores(**kw)
 
