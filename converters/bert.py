@@ -63,9 +63,16 @@ def load_bert(config: dict, ckpt, builder, *, quantize=None) -> dict[str, np.nda
     builder.input("attention_mask", optional=True)
     emb_inputs = [ids]
     emb_weights = {"word": "embeddings.word_embeddings.weight"}
-    tensors["embeddings.word_embeddings.weight"] = ckpt.get("embeddings.word_embeddings.weight")
-    if tensors["embeddings.word_embeddings.weight"].shape[1] != d:
+    word = ckpt.get("embeddings.word_embeddings.weight")
+    if word.shape[1] != d:
         raise EdgeformerError("word embedding width differs from hidden_size")
+    if quantize is not None and getattr(quantize, "embedding_int8", False):
+        # int8 rows with a per-row scale (ops/embedding.py): a quarter of the largest tensor
+        tensors["embeddings.word_embeddings.weight"], tensors["embeddings.word_embeddings.scale"] = \
+            quantize.embedding_table(word)
+        emb_weights["word_scale"] = "embeddings.word_embeddings.scale"
+    else:
+        tensors["embeddings.word_embeddings.weight"] = word
     if ckpt.has("embeddings.position_embeddings.weight"):
         tensors["embeddings.position_embeddings.weight"] = ckpt.get("embeddings.position_embeddings.weight")
         emb_weights["position"] = "embeddings.position_embeddings.weight"

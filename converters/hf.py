@@ -64,11 +64,15 @@ def add_sentence_head(builder, pooling: str | None, normalize: bool) -> None:
 
 
 def convert_hf_directory(src, out, *, progress: bool = False, quantize: str | None = None, keep_fp32=(),
-                         activation_quant: str = "asymmetric", weight_method: str = "maxabs") -> Path:
+                         activation_quant: str = "asymmetric", weight_method: str = "maxabs",
+                         embedding_int8: bool = True, smooth_alpha: float = 0.5, calib_texts=None) -> Path:
     """Convert a checkpoint directory. quantize: None (fp32), "dynamic-int8" or "weights-int8" for the
     encoder linears (converters/quantize.py); keep_fp32: fnmatch patterns of linear names kept in fp32
     (e.g. "encoder.layer.5.*"); activation_quant: "asymmetric" (u8 + zero point) or "symmetric" per token;
-    weight_method: "maxabs" or "mse" (per-channel clipping range minimising the weight rounding error)."""
+    weight_method: "maxabs" or "mse" (per-channel clipping range minimising the weight rounding error);
+    embedding_int8: when quantizing, store the word-embedding table int8 with per-row scales;
+    smooth_alpha: dynamic-int8 SmoothQuant strength (0 = off): per-channel activation ranges are measured by
+    running the fp32 conversion over calib_texts (default: the runtime's built-in corpus)."""
     directory, out = Path(src), Path(out)
     if not (directory / "config.json").is_file():
         raise EdgeformerError(f"{directory} is not a Hugging Face checkpoint directory (no config.json)")
@@ -83,8 +87,18 @@ def convert_hf_directory(src, out, *, progress: bool = False, quantize: str | No
     else:
         from converters.quantize import LinearPolicy
 
+        act_amax = None
+        if quantize == "dynamic-int8" and smooth_alpha > 0:
+            import tempfile
+
+            from converters.quantize import calibrate_inputs, default_calibration_texts
+
+            with tempfile.TemporaryDirectory() as tmp:
+                fp32 = convert_hf_directory(directory, Path(tmp) / "fp32.edgeformer")
+                act_amax = calibrate_inputs(fp32, calib_texts or default_calibration_texts())
         policy = LinearPolicy(quantize, keep_fp32=keep_fp32, activation_quant=activation_quant,
-                              weight_method=weight_method)
+                              weight_method=weight_method, embedding_int8=embedding_int8, act_amax=act_amax,
+                              smooth_alpha=smooth_alpha)
         tensors = LOADERS[model_type](config, ckpt, builder, quantize=policy)
 
     pooling, normalize, max_len = sentence_transformers_head(directory)

@@ -136,3 +136,78 @@ def test_minilm_dynamic_int8_accuracy(minilm_pair):
     nodes = [n for n in int8.graph.nodes if n.op == "linear"] if hasattr(int8, "graph") else []
     assert all(n.attrs.get("format") == "int8" for n in nodes)
     assert (d / "int8.edgeformer").stat().st_size < 0.75 * (d / "fp32.edgeformer").stat().st_size
+
+
+# ---- SmoothQuant vector and the int8 word-embedding table --------------------------------------------
+
+def test_smooth_vector_matches_fp32_and_is_validated():
+    from converters.quantize import smoothing_vector
+
+    rng = np.random.default_rng(5)
+    n, k, m = 70, 48, 9
+    w = rng.standard_normal((n, k)).astype(F32) * 0.1
+    x = rng.standard_normal((m, k)).astype(F32)
+    x[:, 3] *= 40  # an outlier channel
+    smooth = smoothing_vector(np.abs(x).max(axis=0), w)
+    assert smooth.shape == (k,) and smooth[3] < np.median(smooth)
+    tensors = {}
+    weights, attrs = int8_linear(tensors, "lin", w, None, smooth=smooth)
+    node = Node("linear", "lin", ["x"], ["y"], weights, attrs)
+    wts = {role: tensors[name] for role, name in weights.items()}
+    out = np.empty((m, n), F32)
+    FORMATS["int8"](node, wts)(x, NO_RES, ACT_NONE, out, Workers(1))
+    want = x @ w.T
+    assert np.abs(out - want).max() / np.abs(want).max() < 0.02
+    # the quantised rows are x * smooth
+    aq, sa, zp = np.empty((m, k), np.uint8), np.empty(m, F32), np.empty(m, np.int32)
+    aq2, sa2, zp2 = aq.copy(), sa.copy(), zp.copy()
+    g.quantize_rows_smooth(x, 1, smooth, aq, sa, zp, 0, m)
+    g.quantize_rows(np.ascontiguousarray(x * smooth[None, :]), 1, aq2, sa2, zp2, 0, m)
+    np.testing.assert_array_equal(aq, aq2)
+    np.testing.assert_array_equal(sa, sa2)
+    for bad in (smooth[:-1], -smooth, np.full_like(smooth, np.inf)):
+        with pytest.raises(GraphError, match="smooth"):
+            FORMATS["int8"](node, dict(wts, smooth=bad))
+    # weights-int8 folds the smoothing back into the fp32 weight
+    tensors = {}
+    weights, attrs = int8_linear(tensors, "lin", w, None, fmt="int8_weights", smooth=smooth)
+    node = Node("linear", "lin", ["x"], ["y"], weights, attrs)
+    out = np.empty((m, n), F32)
+    FORMATS["int8_weights"](node, {r: tensors[t] for r, t in weights.items()})(x, NO_RES, ACT_NONE, out, Workers(1))
+    assert np.abs(out - want).max() / np.abs(want).max() < 0.02
+
+
+def test_int8_embedding_table():
+    from converters.quantize import quantize_embedding
+    from edgeformer.kernels.embedding import embedding, embedding_s8
+    from edgeformer.ops.embedding import Embedding
+
+    rng = np.random.default_rng(0)
+    v, d, t = 50, 24, 30
+    word = rng.standard_normal((v, d)).astype(F32)
+    word[7] = 0
+    q, s = quantize_embedding(word)
+    assert q.dtype == np.int8 and s.dtype == F32 and np.all(s > 0)
+    assert np.abs(q.astype(F32) * s[:, None] - word).max() <= s.max() / 2 * 1.0001
+    pos = rng.standard_normal((40, d)).astype(F32)
+    typ = rng.standard_normal((2, d)).astype(F32)
+    ids = rng.integers(0, v, t).astype(np.int64)
+    positions = np.arange(t, dtype=np.int64)
+    types = rng.integers(0, 2, t).astype(np.int64)
+    deq = q.astype(F32) * s[:, None]
+    for a in (q, s, pos, typ, deq):  # read-only like the mmap'd weights: the kernels keep one signature
+        a.setflags(write=False)
+    got = np.empty((t, d), F32)
+    embedding_s8(ids, positions, types, q, s, pos, typ, got, 0, t)
+    want = np.empty((t, d), F32)
+    embedding(ids, positions, types, deq, pos, typ, want, 0, t)
+    np.testing.assert_array_equal(got, want)  # the same float32 operations in the same order
+    node = Node("embedding", "emb", ["input_ids"], ["h"], {"word": "w", "word_scale": "s"}, {})
+    from edgeformer.graph import IDS, ValueType
+
+    ok = {"word": q, "word_scale": s, "position": pos}
+    Embedding.infer(node, [ValueType(IDS, 0)], ok)
+    for bad, match in (({"word_scale": -s}, "finite and > 0"), ({"word_scale": s[:-1]}, "word_scale"),
+                       ({"word": word}, "int8"), ({"word_scale": s.astype(np.float64)}, "word_scale")):
+        with pytest.raises(GraphError, match=match):
+            Embedding.infer(node, [ValueType(IDS, 0)], dict(ok, **bad))

