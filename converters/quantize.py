@@ -133,20 +133,19 @@ def calibrate_inputs(model_path, texts, batch_size: int = 16) -> dict:
     if model.tokenizer_json is None:
         return {}
     stats: dict = {}
-    steps = model._steps
 
-    def wrap(node, step):
-        def run(inputs, batch, workers):
-            a = np.abs(inputs[0]).max(axis=0) if inputs[0].shape[0] else np.zeros(inputs[0].shape[1], np.float32)
-            stats[node.name] = np.maximum(stats.get(node.name, a), a)
-            return step(inputs, batch, workers)
-        return run
+    def observe(node, inputs):
+        if node.op != "linear" or not inputs[0].shape[0]:
+            return
+        a = np.abs(inputs[0]).max(axis=0)  # (K,)
+        stats[node.name] = np.maximum(stats.get(node.name, a), a)
 
-    model._steps = [(n, wrap(n, s) if n.op == "linear" else s) for n, s in steps]
-    try:
-        model.embed(list(texts), batch_size=batch_size)
-    finally:
-        model._steps = steps
+    encoder = model.text_encoder()
+    names = {spec.name for spec in model.inputs}
+    texts = list(texts)
+    for start in range(0, len(texts), batch_size):
+        feeds = {k: v for k, v in encoder(texts[start:start + batch_size]).items() if k in names}
+        model.run(feeds, outputs=[model.outputs[0].name], observe=observe)
     return stats
 
 

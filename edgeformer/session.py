@@ -98,8 +98,14 @@ class Model:
         return int(value) if value and value.isdigit() else None
 
     # -- running --------------------------------------------------------------------------
-    def run(self, feeds: Mapping[str, np.ndarray], outputs=None, profile: dict | None = None) -> dict[str, np.ndarray]:
-        """Run the graph. ``profile``, if given, accumulates seconds per op label (e.g. "linear[fp32]")."""
+    def run(self, feeds: Mapping[str, np.ndarray], outputs=None, profile: dict | None = None,
+            observe=None) -> dict[str, np.ndarray]:
+        """Run the graph on padded (B, S) feeds.
+
+        ``profile``, if given, accumulates seconds per op label (e.g. "linear[fp32]").
+        ``observe(node, inputs)``, if given, is called before each node with its (packed) input arrays:
+        calibration reads activation statistics through it. It must not modify the arrays.
+        """
         arrays = self._check_feeds(feeds)
         wanted = self._check_outputs(outputs)
         ids = arrays["input_ids"]
@@ -109,6 +115,8 @@ class Model:
             if name not in env:  # an optional id input that was not fed (token_type_ids): all zeros
                 env[name] = np.zeros(batch.num_tokens, dtype=np.int64)
         for index, (node, step) in enumerate(self._steps):
+            if observe is not None:
+                observe(node, [env[v] for v in node.inputs])
             if profile is None:
                 results = step([env[v] for v in node.inputs], batch, self._workers)
             else:

@@ -188,3 +188,12 @@ def test_plain_weights_are_packed_at_load(tiny_path, tmp_path, model):
     plain = edgeformer.load(_rewrite_graph(tiny_path, tmp_path / "plain.edgeformer", unpack_all), threads=2)
     feeds = {"input_ids": ids(3, 9)}
     np.testing.assert_array_equal(plain.run(feeds)["last_hidden_state"], model.run(feeds)["last_hidden_state"])
+
+
+def test_observe_sees_every_node_with_packed_inputs(model):
+    seen = []
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    model.run({"input_ids": ids(), "attention_mask": mask}, observe=lambda node, inputs: seen.append(
+        (node.name, [a.shape[0] for a in inputs])))
+    assert [name for name, _ in seen] == [node.name for node in model.graph.nodes]
+    assert seen[0][1] == [7]  # the 7 valid tokens only, padding is never computed
