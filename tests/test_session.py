@@ -196,4 +196,4 @@ def test_observe_sees_every_node_with_packed_inputs(model):
     model.run({"input_ids": ids(), "attention_mask": mask}, observe=lambda node, inputs: seen.append(
         (node.name, [a.shape[0] for a in inputs])))
     assert [name for name, _ in seen] == [node.name for node in model.graph.nodes]
-    assert seen[0][1] == [7]  # the 7 valid tokens only, padding is never computed
+    assert seen[0][1] == [7, 7]  # ids and token types of the 7 valid tokens only: padding is never computed
