@@ -20,6 +20,11 @@ def register(subparsers) -> None:
     p.add_argument("--activation-quant", choices=["asymmetric", "symmetric"], default="asymmetric")
     p.add_argument("--weight-method", choices=["maxabs", "mse"], default="maxabs",
                    help="per-channel weight range: max |w| or the MSE-optimal clip")
+    p.add_argument("--smooth-alpha", type=float, default=0.5,
+                   help="dynamic-int8: SmoothQuant strength, activation ranges measured on the bundled corpus "
+                        "(0 turns it off; default 0.5)")
+    p.add_argument("--no-embedding-int8", action="store_true",
+                   help="when quantizing, keep the word-embedding table in fp32")
     p.set_defaults(func=_convert)
 
     p = subparsers.add_parser("check", help="run an ONNX model in ONNX Runtime (or onnx.reference) and edgeformer "
@@ -40,7 +45,8 @@ def _convert(args) -> int:
         from converters.hf import convert_hf_directory
 
         convert_hf_directory(src, out, quantize=args.quantize, keep_fp32=tuple(args.keep_fp32),
-                             activation_quant=args.activation_quant, weight_method=args.weight_method)
+                             activation_quant=args.activation_quant, weight_method=args.weight_method,
+                             smooth_alpha=args.smooth_alpha, embedding_int8=not args.no_embedding_int8)
     elif src.suffix == ".onnx" and src.is_file():
         if args.quantize:
             raise EdgeformerError("--quantize is not supported for ONNX sources yet; convert the checkpoint directory")

@@ -160,6 +160,12 @@ def cmd_info(args) -> int:
     print(f"kernel paths: linear fp32 = packed-weight FMA micro-kernel, {MR}x{NP * NR} tiles "
           f"(<{NR} x float> vectors, LLVM picks the ISA) with fused bias/activation/residual; "
           "attention softmax = 64x256 tiles, online softmax, BLAS (SciPy) tile products")
+    from edgeformer.kernels.gemm_s8 import PATH_NAMES, select_path
+
+    int8_path = PATH_NAMES[select_path()]
+    described = {"vnni": "AVX-512 VNNI vpdpbusd", "sdot": "ARMv8.2 dotprod sdot",
+                 "pairs": "portable LLVM IR (widening multiplies, pairwise adds)"}
+    print(f"              linear int8 = {int8_path}: {described.get(int8_path, int8_path)}")
     return 0
 
 
