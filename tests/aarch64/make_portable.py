@@ -30,7 +30,10 @@ def main(out: Path) -> None:
     entries = []
     # int8: exact int32 accumulators on every path, but a 1e-6 upstream difference can move an activation
     # across a rounding boundary (one quantisation step): the 0.02 tolerance of tests/test_linear_int8.py
-    variants = [("fp32", {}, 1e-5), ("int8", {"quantize": "dynamic-int8"}, 2e-2)]
+    # fp32: element-wise within 1e-5. int8: activations are re-quantized per token, so a 1-ulp float
+    # difference between CPUs can move a value across a rounding boundary and change it by one
+    # quantization step; compare as the INT8 tests do, by cosine (every valid token and sentence >= 0.999).
+    variants = [("fp32", {}, {"atol": 1e-5}), ("int8", {"quantize": "dynamic-int8"}, {"min_cosine": 0.999})]
     for name, options, tol in variants:
         path = convert_hf_directory(source, out / f"minilm-{name}.edgeformer", **options)
         model = edgeformer.load(path, threads=1)
@@ -39,7 +42,7 @@ def main(out: Path) -> None:
         outputs = model.run(feeds)
         np.savez(out / f"minilm-{name}.npz", **{f"feed_{k}": v for k, v in feeds.items()},
                  **{f"out_{k}": v for k, v in outputs.items()})
-        entries.append({"model": path.name, "data": f"minilm-{name}.npz", "atol": tol})
+        entries.append({"model": path.name, "data": f"minilm-{name}.npz", **tol})
     (out / "manifest.json").write_text(json.dumps(entries, indent=1))
     print(f"portable artifacts in {out}: {[e['model'] for e in entries]}")
 
