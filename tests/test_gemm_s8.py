@@ -236,10 +236,12 @@ def test_float_epilogue(path, act, m, k, n, seed, use_bias, use_res, asym):
 
 def test_vnni_not_selected_without_the_feature(monkeypatch):
     no_vnni = {"avx512f": True, "avx512bw": True, "avx512vl": True, "avx512vnni": False, "avx2": True}
+    # without VNNI: the sdot path on an aarch64 CPU with dotprod (emulated Pi 5), the portable one elsewhere
+    fallback = g.PATH_SDOT if g.dotprod_available(no_vnni) else g.PATH_PAIRS
     assert not g.vnni_available(no_vnni)
-    assert g.select_path(no_vnni) == g.PATH_PAIRS
-    assert g.available_paths(no_vnni) == [g.PATH_PAIRS]
-    assert g.select_path({}) == g.PATH_PAIRS
+    assert g.select_path(no_vnni) == fallback
+    assert g.available_paths(no_vnni) == sorted({g.PATH_PAIRS, fallback})
+    assert g.select_path({}) == fallback
     yes = dict(no_vnni, avx512vnni=True)
     monkeypatch.delenv("EDGEFORMER_INT8_PATH", raising=False)
     if not g._cpu_overridden():
@@ -247,7 +249,7 @@ def test_vnni_not_selected_without_the_feature(monkeypatch):
     # the host-feature dict itself monkeypatched: the op layer's choice follows it, and asking for the
     # VNNI kernel raises in Python instead of compiling anything
     monkeypatch.setattr(g, "host_features", lambda: dict(no_vnni))
-    assert not g.vnni_available() and g.select_path() == g.PATH_PAIRS
+    assert not g.vnni_available() and g.select_path() == fallback
     with pytest.raises(RuntimeError, match="VNNI"):
         g.linear_s8(g.PATH_VNNI)
 
@@ -255,7 +257,7 @@ def test_vnni_not_selected_without_the_feature(monkeypatch):
 def test_vnni_not_selected_when_numba_cpu_is_overridden(monkeypatch):
     monkeypatch.setenv("NUMBA_CPU_NAME", "generic")
     yes = {"avx512f": True, "avx512bw": True, "avx512vl": True, "avx512vnni": True}
-    assert not g.vnni_available(yes) and g.select_path(yes) == g.PATH_PAIRS
+    assert not g.vnni_available(yes) and g.select_path(yes) != g.PATH_VNNI
 
 
 def test_forced_portable_path(monkeypatch):
