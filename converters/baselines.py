@@ -1,4 +1,4 @@
-"""Baselines for `edgeformer bench --vs`: ONNX Runtime and PyTorch on the same checkpoint, same process.
+"""Baselines for `edgeformer bench --vs` (registered as the `edgeformer.baselines` entry point): ONNX Runtime and PyTorch on the same checkpoint, same process.
 
 Both are optional and imported only when asked for. The ONNX file is exported once from the
 checkpoint directory with torch.onnx (TorchScript exporter, opset 17) into edgeformer's cache.
