@@ -3,6 +3,7 @@
 # under qemu-user-static through binfmt (recipe: shared/research/aarch64.md). Needs root, Debian's
 # packages and PyPI. Usage: tests/aarch64/build_rootfs.sh ROOTFS_DIR
 set -euo pipefail
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"  # chroot, update-binfmts live in sbin
 R="${1:?usage: build_rootfs.sh ROOTFS_DIR}"
 if [ -x "$R/opt/venv/bin/python" ] && [ -f "$R/.edgeformer-ready" ]; then
   echo "rootfs ready at $R"; exit 0

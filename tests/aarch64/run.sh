@@ -14,6 +14,7 @@
 #    target "generic"); qemu enforces the ISA, so a dotprod instruction in the Pi 4 run dies with SIGILL.
 # Emulation is for correctness and instruction-set checks, not timing (floats run ~100x slower).
 set -euo pipefail
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"  # chroot, update-binfmts live in sbin
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 R="${1:-${EDGEFORMER_AARCH64_ROOTFS:-/var/tmp/edgeformer-aarch64-rootfs}}"
