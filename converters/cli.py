@@ -25,6 +25,11 @@ def register(subparsers) -> None:
                         "(0 turns it off; default 0.5)")
     p.add_argument("--no-embedding-int8", action="store_true",
                    help="when quantizing, keep the word-embedding table in fp32")
+    p.add_argument("--report", nargs="?", const="", default=None, metavar="PATH",
+                   help="with --quantize: also convert an fp32 copy and print the per-linear error (cosine, SNR, "
+                        "max abs error) against it; save it as JSON to PATH (default OUTPUT.report.json). "
+                        "Runs over the bundled corpus, or random ids when the model has no tokenizer")
+    p.add_argument("--report-texts", metavar="FILE", help="--report over these texts (one per line)")
     p.set_defaults(func=_convert)
 
     p = subparsers.add_parser("check", help="run an ONNX model in ONNX Runtime (or onnx.reference) and edgeformer "
@@ -40,6 +45,10 @@ def register(subparsers) -> None:
 
 def _convert(args) -> int:
     src, out = Path(args.src), Path(args.output)
+    if (args.report is not None or args.report_texts) and not args.quantize:
+        raise EdgeformerError("--report and --report-texts need --quantize")
+    if args.report_texts and args.report is None:
+        args.report = ""
     start = time.perf_counter()
     if src.is_dir():
         from converters.hf import convert_hf_directory
@@ -56,7 +65,40 @@ def _convert(args) -> int:
     else:
         raise EdgeformerError(f"{src} is neither a checkpoint directory nor an .onnx file")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")
+    if args.report is not None:
+        _report(src, out, Path(args.report or f"{out}.report.json"), args.report_texts)
     return 0
+
+
+def _report(src: Path, out: Path, path: Path, texts_file) -> None:
+    """Per-linear error of OUT against an fp32 conversion of src (a temp file): over texts_file's lines,
+    else the bundled corpus, else (model file without a tokenizer) random ids over the vocabulary."""
+    import tempfile
+
+    import edgeformer
+    from converters.hf import convert_hf_directory
+    from converters.quant_report import format_report, layer_report, random_feeds, save_report
+    from converters.quantize import default_calibration_texts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = convert_hf_directory(src, Path(tmp) / "fp32.edgeformer")
+        model = edgeformer.load(fp32, threads=1)
+        if model.tokenizer_json is None:
+            if texts_file:
+                raise EdgeformerError("--report-texts: the model has no tokenizer")
+            print("no tokenizer in the model: report over random token ids")
+            rows = layer_report(fp32, out, feeds_list=random_feeds(model))
+        else:
+            texts = default_calibration_texts()
+            if texts_file:
+                lines = Path(texts_file).read_text(encoding="utf-8").splitlines()
+                texts = [t.strip() for t in lines if t.strip()]
+                if not texts:
+                    raise EdgeformerError(f"{texts_file} has no texts")
+            rows = layer_report(fp32, out, texts)
+        model.close()
+    print(format_report(rows))
+    print(f"wrote {save_report(rows, path)}")
 
 
 def _check(args) -> int:
