@@ -35,3 +35,4 @@ def test_outputs_match_the_converting_machine(entry):
         a, b = (got[name][valid], want[valid]) if got[name].ndim == 3 and valid is not None else (got[name], want)
         cosine = np.sum(a * b, axis=-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
         assert cosine.min() >= entry["min_cosine"], (name, float(cosine.min()))
+        assert cosine.mean() >= entry["mean_cosine"], (name, float(cosine.mean()))
