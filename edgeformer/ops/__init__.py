@@ -5,6 +5,8 @@ from edgeformer.ops.embedding import Embedding
 from edgeformer.ops.layer_norm import LayerNorm
 from edgeformer.ops.linear import Linear
 from edgeformer.ops import linear_int8  # noqa: F401  (registers the int8 weight formats)
+from edgeformer.ops import linear_lut  # noqa: F401  (registers the lut weight format)
+from edgeformer.ops import attention_binary_hash  # noqa: F401  (registers the binary_hash attention kind)
 from edgeformer.ops.normalize import Normalize
 from edgeformer.ops.pool import Pool
 

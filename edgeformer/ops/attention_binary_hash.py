@@ -1,0 +1,1 @@
+"""attention kind ``binary_hash`` (EcoFormer). Being written."""

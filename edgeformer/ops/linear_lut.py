@@ -1,0 +1,1 @@
+"""linear weight format ``lut`` (MemoryFormer-style table projections). Being written."""
