@@ -1,5 +1,6 @@
 """The op registry: op name -> class with ``infer`` (shape rules, load-time checks) and ``bind``."""
 from edgeformer.ops.activation import Activation
+from edgeformer.ops.add import Add
 from edgeformer.ops.attention import Attention
 from edgeformer.ops.embedding import Embedding
 from edgeformer.ops.layer_norm import LayerNorm
@@ -9,5 +10,8 @@ from edgeformer.ops import linear_lut  # noqa: F401  (registers the lut weight f
 from edgeformer.ops import attention_binary_hash  # noqa: F401  (registers the binary_hash attention kind)
 from edgeformer.ops.normalize import Normalize
 from edgeformer.ops.pool import Pool
+from edgeformer.ops.rms_norm import RmsNorm
+from edgeformer.ops.rotary import Rotary
 
-REGISTRY = {cls.op: cls for cls in (Embedding, Linear, LayerNorm, Attention, Activation, Pool, Normalize)}
+REGISTRY = {cls.op: cls for cls in (Embedding, Linear, LayerNorm, Attention, Activation, Pool, Normalize,
+                                    RmsNorm, Add, Rotary)}
