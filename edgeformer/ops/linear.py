@@ -79,6 +79,7 @@ def _panels(kernel, x, wp, n, bias, residual, act, out, rows, p0, p1):
 
 class Linear:
     op = "linear"
+    gathered_weights = ("tables",)  # lut tables are read at random rows: the session advises MADV_RANDOM
 
     @staticmethod
     def _format(node):
