@@ -30,7 +30,14 @@ def register(subparsers) -> None:
                         "max abs error) against it; save it as JSON to PATH (default OUTPUT.report.json). "
                         "Runs over the bundled corpus, or random ids when the model has no tokenizer")
     p.add_argument("--report-texts", metavar="FILE", help="--report over these texts (one per line)")
-    p.set_defaults(func=_convert)
+    from converters import memoryformer  # noqa: F401  (registers model_type "memoryformer"; imports no torch)
+    from converters.lut_fit import add_lut_arguments, lut_convert
+
+    add_lut_arguments(p)  # --lut, --lut-layers, --lut-subdim, --lut-codebooks, --lut-tables, --lut-no-refit
+    from converters.hash_fit import add_hash_arguments, hash_convert
+
+    add_hash_arguments(p)  # --attention, --hash-bits, --anchors, --calib, --hash-layers
+    p.set_defaults(func=hash_convert(lut_convert(_convert)))
 
     p = subparsers.add_parser("check", help="run an ONNX model in ONNX Runtime (or onnx.reference) and edgeformer "
                                             "on the same feeds; print max abs and rel error per output")

@@ -1,9 +1,16 @@
 """attention: multi-head attention over the packed tokens of each sequence, with a registry of kinds.
 
-Input: qkv (T, 3*H*dh) from a fused Q/K/V projection, columns [Q | K | V], head h at h*dh:(h+1)*dh.
-Output: (T, H*dh). Each sequence attends only to its own valid tokens (padding-free batches), so
-no mask is materialised. A kind (softmax now; clipped_softmax, gated, binary_hash later) is a class
-registered with ``@register_kind(name)`` holding its own kernel; the session never sees kinds.
+Input: by default qkv (T, 3*H*dh) from a fused Q/K/V projection, columns [Q | K | V], head h at
+h*dh:(h+1)*dh. Output: (T, H*dh). Each sequence attends only to its own valid tokens (padding-free
+batches), so no mask is materialised. A kind (softmax, binary_hash, ...) is a class registered with
+``@register_kind(name)`` holding its own kernel; the session never sees kinds.
+
+Kind protocol: ``cls(node, num_heads, head_dim)`` validates the node's attributes at load time and is
+called as ``kind(x, batch, out, workers)``. A kind with weights sets the class attribute
+``takes_weights = True`` and is constructed as ``cls(node, num_heads, head_dim, weights)`` (it checks
+its own weights); other kinds reject weights. A kind may declare its own input layout through an
+``input_width`` attribute (default 3*H*dh, the [Q | K | V] layout); binary_hash, for example, also
+accepts EcoFormer's shared-QK layout [U | V] of width 2*H*dh.
 """
 from __future__ import annotations
 
@@ -28,7 +35,13 @@ def register_kind(name: str):
 
 def balanced_items(lengths: np.ndarray, num_heads: int, parts: int, head_dim: int) -> list[tuple[int, int]]:
     """Split the B*H (sequence, head) items into contiguous ranges of about equal cost L*(L + dh)."""
-    cost = np.repeat(lengths * (lengths + head_dim), num_heads).astype(np.float64)  # (B*H,)
+    return balanced_by_cost(lengths * (lengths + head_dim), num_heads, parts)
+
+
+def balanced_by_cost(cost_per_sequence: np.ndarray, num_heads: int, parts: int) -> list[tuple[int, int]]:
+    """Split the B*H (sequence, head) items into contiguous ranges of about equal total cost, given the
+    cost of one head of each sequence (B,)."""
+    cost = np.repeat(np.asarray(cost_per_sequence, dtype=np.float64), num_heads)  # (B*H,)
     total_items = cost.shape[0]
     if parts <= 1 or total_items <= 1:
         return [(0, total_items)] if total_items else []
@@ -59,30 +72,40 @@ class Attention:
     op = "attention"
 
     @staticmethod
-    def _kind(node):
+    def _kind(node, weights):
         kind = attr(node, "kind", str, "softmax")
         if kind not in KINDS:
             raise GraphError(f"node {node.name!r}: unknown attention kind {kind!r}; known: {sorted(KINDS)}")
         heads, head_dim = attr(node, "num_heads", int), attr(node, "head_dim", int)
         if heads < 1 or head_dim < 1:
             raise GraphError(f"node {node.name!r}: num_heads and head_dim must be >= 1")
-        return KINDS[kind](node, heads, head_dim)
+        kind_cls = KINDS[kind]
+        if getattr(kind_cls, "takes_weights", False):
+            return kind_cls(node, heads, head_dim, weights)
+        if weights:
+            raise GraphError(f"node {node.name!r}: attention kind {kind!r} takes no weights, got {sorted(weights)}")
+        return kind_cls(node, heads, head_dim)
 
     @classmethod
     def infer(cls, node, in_types, weights):
         inputs_count(node, in_types, 1)
-        kind = cls._kind(node)
+        kind = cls._kind(node, weights)
         if in_types[0].kind != TOKENS:
             raise GraphError(f"node {node.name!r}: attention input must be a token value")
         width = kind.num_heads * kind.head_dim
-        if in_types[0].width != 3 * width:
-            raise GraphError(f"node {node.name!r}: qkv width {in_types[0].width} != 3 * num_heads * head_dim "
+        want = getattr(kind, "input_width", 3 * width)
+        if in_types[0].width != want:
+            layout = getattr(kind, "layout_name", "qkv width")
+            raise GraphError(f"node {node.name!r}: {layout} input width {in_types[0].width} != {want} "
+                             f"(num_heads={kind.num_heads}, head_dim={kind.head_dim})"
+                             if layout != "qkv width" else
+                             f"node {node.name!r}: qkv width {in_types[0].width} != 3 * num_heads * head_dim "
                              f"= {3 * width}")
         return [ValueType(TOKENS, width)]
 
     @classmethod
     def bind(cls, node, weights):
-        kind = cls._kind(node)
+        kind = cls._kind(node, weights)
         width = kind.num_heads * kind.head_dim
 
         def run(inputs, batch, workers):
