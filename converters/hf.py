@@ -65,14 +65,19 @@ def add_sentence_head(builder, pooling: str | None, normalize: bool) -> None:
 
 def convert_hf_directory(src, out, *, progress: bool = False, quantize: str | None = None, keep_fp32=(),
                          activation_quant: str = "asymmetric", weight_method: str = "maxabs",
-                         embedding_int8: bool = True, smooth_alpha: float = 0.5, calib_texts=None) -> Path:
-    """Convert a checkpoint directory. quantize: None (fp32), "dynamic-int8" or "weights-int8" for the
+                         embedding_int8: bool = True, smooth_alpha: float | None = None, calib_texts=None, calib=None,
+                         calib_method: str = "minmax", calib_percentile: float = 99.99) -> Path:
+    """Convert a checkpoint directory. quantize: None (fp32), "dynamic-int8", "static-int8" or "weights-int8" for the
     encoder linears (converters/quantize.py); keep_fp32: fnmatch patterns of linear names kept in fp32
     (e.g. "encoder.layer.5.*"); activation_quant: "asymmetric" (u8 + zero point) or "symmetric" per token;
     weight_method: "maxabs" or "mse" (per-channel clipping range minimising the weight rounding error);
     embedding_int8: when quantizing, store the word-embedding table int8 with per-row scales;
-    smooth_alpha: dynamic-int8 SmoothQuant strength (0 = off): per-channel activation ranges are measured by
-    running the fp32 conversion over calib_texts (default: the runtime's built-in corpus)."""
+    smooth_alpha: SmoothQuant strength (0 = off; None = the mode's default, quantize.DEFAULT_SMOOTH_ALPHA:
+    0.5 dynamic-int8, 0.75 static-int8): per-channel activation ranges are measured by
+    running the fp32 conversion over calib_texts (default: the runtime's built-in corpus).
+    quantize="static-int8": per-tensor activation scales calibrated on the fp32 conversion over calib (an .npz
+    of feeds, a text file, a list of texts; default calib_texts, else the built-in corpus) with calib_method
+    "minmax", "percentile" (calib_percentile) or "mse" (converters.quantize.calibrate_static)."""
     directory, out = Path(src), Path(out)
     if not (directory / "config.json").is_file():
         raise EdgeformerError(f"{directory} is not a Hugging Face checkpoint directory (no config.json)")
@@ -85,9 +90,21 @@ def convert_hf_directory(src, out, *, progress: bool = False, quantize: str | No
     if quantize is None:
         tensors = LOADERS[model_type](config, ckpt, builder)
     else:
-        from converters.quantize import LinearPolicy
+        from converters.quantize import DEFAULT_SMOOTH_ALPHA, LinearPolicy
 
-        act_amax = None
+        act_amax = act_qparams = None
+        if smooth_alpha is None:
+            smooth_alpha = DEFAULT_SMOOTH_ALPHA.get(quantize, 0.0)
+        if quantize == "static-int8":
+            import tempfile
+
+            from converters.quantize import calibrate_static
+
+            with tempfile.TemporaryDirectory() as tmp:
+                fp32 = convert_hf_directory(directory, Path(tmp) / "fp32.edgeformer")
+                act_qparams = calibrate_static(fp32, calib if calib is not None else calib_texts, method=calib_method,
+                                               percentile=calib_percentile, activation_quant=activation_quant,
+                                               smooth_alpha=smooth_alpha)
         if quantize == "dynamic-int8" and smooth_alpha > 0:
             import tempfile
 
@@ -98,7 +115,7 @@ def convert_hf_directory(src, out, *, progress: bool = False, quantize: str | No
                 act_amax = calibrate_inputs(fp32, calib_texts or default_calibration_texts())
         policy = LinearPolicy(quantize, keep_fp32=keep_fp32, activation_quant=activation_quant,
                               weight_method=weight_method, embedding_int8=embedding_int8, act_amax=act_amax,
-                              smooth_alpha=smooth_alpha)
+                              smooth_alpha=smooth_alpha, act_qparams=act_qparams)
         tensors = LOADERS[model_type](config, ckpt, builder, quantize=policy)
 
     pooling, normalize, max_len = sentence_transformers_head(directory)
@@ -114,5 +131,8 @@ def convert_hf_directory(src, out, *, progress: bool = False, quantize: str | No
         metadata["max_length"] = str(int(max_len))
     if quantize is not None:
         metadata["quantize"] = quantize
+    extra = getattr(LOADERS[model_type], "metadata", None)  # a loader may describe its model (labels, ...)
+    if extra is not None:
+        metadata.update(extra(config))
     write_model(out, tensors, graph.to_json(), tokenizer_json=tokenizer_json, metadata=metadata)
     return out

