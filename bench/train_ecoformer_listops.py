@@ -96,7 +96,8 @@ def listops(n, min_len, max_len, seed, max_depth=6, max_args=6):
     return ids, (ids != 0).astype(np.int64), labels
 
 
-def train(model, data, seconds, batch_size, lr, seed, log):
+def train(model, data, seconds, batch_size, lr, seed, log, max_steps=None):
+    """Train for ``max_steps`` steps when given (reproducible), else for ``seconds`` of wall time."""
     import torch
 
     ids, mask, labels = (torch.from_numpy(a) for a in data)
@@ -104,7 +105,10 @@ def train(model, data, seconds, batch_size, lr, seed, log):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model.train()
     start, steps = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
+    def done():
+        return steps >= max_steps if max_steps else time.perf_counter() - start >= seconds
+
+    while not done():
         perm = torch.randperm(len(labels), generator=gen)
         for i in range(0, len(perm) - batch_size + 1, batch_size):
             idx = perm[i : i + batch_size]
@@ -117,7 +121,7 @@ def train(model, data, seconds, batch_size, lr, seed, log):
             steps += 1
             if steps % 50 == 0:
                 log(f"  step {steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)")
-            if time.perf_counter() - start >= seconds:
+            if done():
                 break
     model.eval()
     return steps
@@ -157,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-len", type=int, default=64)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--minutes", type=float, default=3.0, help="training time per model (softmax, then ecoformer)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train each model for exactly this many steps instead of --minutes (reproducible)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -200,7 +206,7 @@ def main(argv=None) -> int:
         soft = EcoEncoder(attn_types=["msa"], **cfg)
         log("training softmax model")
         start = time.perf_counter()
-        steps = train(soft, train_data, args.minutes * 60, args.batch_size, args.lr, args.seed, log)
+        steps = train(soft, train_data, args.minutes * 60, args.batch_size, args.lr, args.seed, log, args.steps)
         soft_path = save_edgeformer(soft, tmp / "softmax.edgeformer")
         evaluate("softmax", soft, soft_path, steps, time.perf_counter() - start)
 
@@ -227,7 +233,7 @@ def main(argv=None) -> int:
         result["hash_learning_seconds"] = time.perf_counter() - start
         log(f"  hash learned in {result['hash_learning_seconds']:.1f} s")
         start = time.perf_counter()
-        steps = train(eco, train_data, args.minutes * 60, args.batch_size, args.lr, args.seed + 1, log)
+        steps = train(eco, train_data, args.minutes * 60, args.batch_size, args.lr, args.seed + 1, log, args.steps)
         eco_path = save_edgeformer(eco, tmp / "ecoformer.edgeformer")
         evaluate("ecoformer", eco, eco_path, steps, time.perf_counter() - start)
 
@@ -241,7 +247,8 @@ def main(argv=None) -> int:
 
     lines = ["# ListOps: EcoFormer vs softmax attention (edgeformer serving)", "",
              f"{args.train} train / {args.test} test sequences of {args.min_len}-{args.max_len} tokens; model d=64, "
-             f"2 heads, 2 blocks; {args.minutes} min of training per model, 1 thread.", "",
+             f"2 heads, 2 blocks; " + (f"{args.steps} training steps" if args.steps else f"{args.minutes} min of training")
+             + f" of batch {args.batch_size} per model, 1 thread.", "",
              "| model | PyTorch accuracy | edgeformer accuracy | same predictions |", "|---|---|---|---|"]
     for name, row in result["models"].items():
         same = f"{row['same_predictions']}/{row['test']}" if "same_predictions" in row else "-"
