@@ -12,17 +12,24 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="convert a Hugging Face checkpoint directory or an ONNX file")
     p.add_argument("src", help="checkpoint directory (config.json + model.safetensors) or model.onnx")
     p.add_argument("-o", "--output", required=True, help="model file to write")
-    p.add_argument("--quantize", choices=["dynamic-int8", "weights-int8"],
+    p.add_argument("--quantize", choices=["dynamic-int8", "static-int8", "weights-int8"],
                    help="int8 linears: dynamic-int8 (int8 weights per channel, activations per token at run "
-                        "time, int8 GEMM) or weights-int8 (int8 weights in the file, fp32 compute)")
+                        "time, int8 GEMM), static-int8 (the same with one calibrated activation scale per "
+                        "linear: --calib, --calib-method) or weights-int8 (int8 weights in the file, fp32 compute)")
     p.add_argument("--keep-fp32", action="append", default=[], metavar="PATTERN",
                    help="keep linears whose name matches this fnmatch pattern in fp32 (repeatable)")
     p.add_argument("--activation-quant", choices=["asymmetric", "symmetric"], default="asymmetric")
     p.add_argument("--weight-method", choices=["maxabs", "mse"], default="maxabs",
                    help="per-channel weight range: max |w| or the MSE-optimal clip")
-    p.add_argument("--smooth-alpha", type=float, default=0.5,
-                   help="dynamic-int8: SmoothQuant strength, activation ranges measured on the bundled corpus "
-                        "(0 turns it off; default 0.5)")
+    p.add_argument("--smooth-alpha", type=float, default=None,
+                   help="SmoothQuant strength, activation ranges measured on the bundled corpus (static-int8: on "
+                        "--calib) (0 turns it off; default 0.5 dynamic-int8, 0.75 static-int8)")
+    p.add_argument("--calib-method", choices=["minmax", "percentile", "mse"], default=None,
+                   help="static-int8: per-tensor activation range estimator (default minmax); --calib FILE (.npz "
+                        "of input_ids/attention_mask/token_type_ids, or texts one per line) is the calibration set "
+                        "(default: the bundled corpus)")
+    p.add_argument("--calib-percentile", type=float, default=None, metavar="P",
+                   help="static-int8 --calib-method percentile: the percentile kept (default 99.99)")
     p.add_argument("--no-embedding-int8", action="store_true",
                    help="when quantizing, keep the word-embedding table in fp32")
     p.add_argument("--report", nargs="?", const="", default=None, metavar="PATH",
@@ -37,7 +44,7 @@ def register(subparsers) -> None:
     from converters.hash_fit import add_hash_arguments, hash_convert
 
     add_hash_arguments(p)  # --attention, --hash-bits, --anchors, --calib, --hash-layers
-    p.set_defaults(func=hash_convert(lut_convert(_convert)))
+    p.set_defaults(func=_static_calib(hash_convert(lut_convert(_convert))))
 
     p = subparsers.add_parser("check", help="run an ONNX model in ONNX Runtime (or onnx.reference) and edgeformer "
                                             "on the same feeds; print max abs and rel error per output")
@@ -48,6 +55,22 @@ def register(subparsers) -> None:
     p.add_argument("--seq", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_check)
+
+
+def _static_calib(inner):
+    """--calib is shared: static-int8 calibrates on it; hash_convert takes it only for --attention binary-hash,
+    so static-int8 keeps it as args.quant_calib and hides it from hash_convert otherwise."""
+
+    def run(args) -> int:
+        static = args.quantize == "static-int8"
+        if not static and (args.calib_method is not None or args.calib_percentile is not None):
+            raise EdgeformerError("--calib-method and --calib-percentile need --quantize static-int8")
+        args.quant_calib = args.calib if static else None
+        if static and getattr(args, "attention", "softmax") != "binary-hash":
+            args.calib = None
+        return inner(args)
+
+    return run
 
 
 def _convert(args) -> int:
@@ -62,7 +85,9 @@ def _convert(args) -> int:
 
         convert_hf_directory(src, out, quantize=args.quantize, keep_fp32=tuple(args.keep_fp32),
                              activation_quant=args.activation_quant, weight_method=args.weight_method,
-                             smooth_alpha=args.smooth_alpha, embedding_int8=not args.no_embedding_int8)
+                             smooth_alpha=args.smooth_alpha, embedding_int8=not args.no_embedding_int8,
+                             calib=getattr(args, "quant_calib", None), calib_method=args.calib_method or "minmax",
+                             calib_percentile=99.99 if args.calib_percentile is None else args.calib_percentile)
     elif src.suffix == ".onnx" and src.is_file():
         if args.quantize:
             raise EdgeformerError("--quantize is not supported for ONNX sources yet; convert the checkpoint directory")
@@ -73,13 +98,15 @@ def _convert(args) -> int:
         raise EdgeformerError(f"{src} is neither a checkpoint directory nor an .onnx file")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")
     if args.report is not None:
-        _report(src, out, Path(args.report or f"{out}.report.json"), args.report_texts)
+        _report(src, out, Path(args.report or f"{out}.report.json"), args.report_texts,
+                getattr(args, "quant_calib", None))
     return 0
 
 
-def _report(src: Path, out: Path, path: Path, texts_file) -> None:
+def _report(src: Path, out: Path, path: Path, texts_file, calib=None) -> None:
     """Per-linear error of OUT against an fp32 conversion of src (a temp file): over texts_file's lines,
-    else the bundled corpus, else (model file without a tokenizer) random ids over the vocabulary."""
+    else the static-int8 calibration set (calib), else the bundled corpus, else (model file without a
+    tokenizer) random ids over the vocabulary."""
     import tempfile
 
     import edgeformer
@@ -90,7 +117,11 @@ def _report(src: Path, out: Path, path: Path, texts_file) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = convert_hf_directory(src, Path(tmp) / "fp32.edgeformer")
         model = edgeformer.load(fp32, threads=1)
-        if model.tokenizer_json is None:
+        if calib is not None and not texts_file:
+            from converters.quantize import calibration_feeds
+
+            rows = layer_report(fp32, out, feeds_list=calibration_feeds(model, calib))
+        elif model.tokenizer_json is None:
             if texts_file:
                 raise EdgeformerError("--report-texts: the model has no tokenizer")
             print("no tokenizer in the model: report over random token ids")

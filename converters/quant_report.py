@@ -7,6 +7,9 @@ linear node (matched by node name), accumulates over all valid tokens:
     min_token_cos   the smallest cosine of one token's output row (one row per token)
     snr_db          10 log10(sum fp32^2 / sum (q - fp32)^2); inf when the outputs are identical
     max_abs_err     max |q - fp32|
+    clipped         static-int8 linears only (else None): the fraction of the layer's input values (in the
+                    quantised model's own run, after the smoothing vector) outside the calibrated range,
+                    which the runtime clips to the end codes
 Each model runs on its own activations, so a row measures the error accumulated up to that layer's output
 (propagated from earlier layers plus the layer's own), not the layer in isolation.
 Outputs are read through ``Model.run(observe=...)`` (a node's output is an input of a later node); an
@@ -38,12 +41,37 @@ def random_feeds(model, n_batches=8, batch_size=8, seq_len=32, seed=0) -> list[d
     return feeds_list
 
 
-def _linear_outputs(model, feeds) -> dict[str, np.ndarray]:
-    """Run once; {linear node name: its packed output (rows, n) as float64}."""
+def static_range(model, node):
+    """(lo, hi, smooth) of a static-int8 linear, None for any other linear: the representable values are
+    [-zp s, (255 - zp) s] (asymmetric) or [-127 s, 127 s] (symmetric); an input value v = x * smooth is
+    clipped when v <= lo or v >= hi with lo, hi those ends widened by half a step (gemm_s8.quantize_rows_static)."""
+    if node.attrs.get("format") != "int8" or "input_scale" not in node.weights:
+        return None
+    s = float(model.tensors[node.weights["input_scale"]][0])
+    if "input_zero_point" in node.weights:
+        z = int(model.tensors[node.weights["input_zero_point"]][0])
+        lo, hi = -z * s, (255 - z) * s
+    else:
+        lo, hi = -127 * s, 127 * s
+    smooth = model.tensors[node.weights["smooth"]] if "smooth" in node.weights else None
+    return lo - s / 2, hi + s / 2, smooth
+
+
+def _linear_outputs(model, feeds, clip=None) -> dict[str, np.ndarray]:
+    """Run once; {linear node name: its packed output (rows, n) as float64}. clip: a dict accumulating
+    {static linear name: [values outside the calibrated range, values]}."""
     linears = {n.outputs[0]: n.name for n in model.graph.nodes if n.op == "linear"}
+    ranges = {} if clip is None else {n.name: r for n in model.graph.nodes if n.op == "linear"
+                                      for r in [static_range(model, n)] if r is not None}
     seen: dict[str, np.ndarray] = {}
 
     def observe(node, inputs):
+        if node.name in ranges and inputs[0].size:
+            lo, hi, smooth = ranges[node.name]
+            x = inputs[0] if smooth is None else inputs[0] * smooth[None, :]
+            count = clip.setdefault(node.name, [0, 0])
+            count[0] += int(np.count_nonzero((x <= lo) | (x >= hi)))
+            count[1] += x.size
         for value, array in zip(node.inputs, inputs):
             if value in linears and value not in seen:
                 seen[value] = np.array(array, dtype=np.float64)  # a copy: buffers may be reused later
@@ -85,8 +113,9 @@ def _compare(ref, quant, texts, batch_size, feeds_list) -> list[dict]:
                       for i in range(0, len(texts), batch_size)]
     nodes = [n for n in quant.graph.nodes if n.op == "linear"]
     acc = {n.name: dict(ref2=0.0, err2=0.0, dot=0.0, q2=0.0, max_abs=0.0, min_cos=1.0, rows=0) for n in nodes}
+    clip: dict = {}
     for feeds in feeds_list:
-        a_out, b_out = _linear_outputs(ref, feeds), _linear_outputs(quant, feeds)
+        a_out, b_out = _linear_outputs(ref, feeds), _linear_outputs(quant, feeds, clip)
         for name, s in acc.items():
             if name not in a_out:
                 raise EdgeformerError(f"linear {name!r} of the quantised model is not in the fp32 model")
@@ -115,6 +144,9 @@ def _compare(ref, quant, texts, batch_size, feeds_list) -> list[dict]:
             "min_token_cos": min(1.0, s["min_cos"]),
             "snr_db": _snr_db(s["ref2"], s["err2"]),
             "max_abs_err": s["max_abs"],
+            "activations": ("static" if static_range(quant, node) is not None else "dynamic")
+            if node.attrs.get("format") == "int8" else None,
+            "clipped": clip[node.name][0] / max(1, clip[node.name][1]) if node.name in clip else None,
         })
     return rows
 
@@ -128,10 +160,15 @@ def _snr_db(signal, noise) -> float:
 def format_report(rows) -> str:
     """An aligned text table, one line per linear, and the worst layer by SNR."""
     width = max([len("linear")] + [len(r["name"]) for r in rows])
-    lines = [f"{'linear':<{width}}  {'format':<12} {'cosine':>9} {'min tok cos':>11} {'SNR dB':>8} {'max abs err':>11}"]
+    clips = any(r.get("clipped") is not None for r in rows)
+    lines = [f"{'linear':<{width}}  {'format':<12} {'cosine':>9} {'min tok cos':>11} {'SNR dB':>8} {'max abs err':>11}"
+             + (f" {'clipped %':>9}" if clips else "")]
     for r in rows:
-        lines.append(f"{r['name']:<{width}}  {r['format']:<12} {r['cosine']:>9.6f} {r['min_token_cos']:>11.6f} "
-                     f"{r['snr_db']:>8.2f} {r['max_abs_err']:>11.4g}")
+        fmt = r["format"] + ("/static" if r.get("activations") == "static" else "")
+        clipped = "" if not clips else (f" {100 * r['clipped']:>9.4f}" if r.get("clipped") is not None
+                                        else f" {'-':>9}")
+        lines.append(f"{r['name']:<{width}}  {fmt:<12} {r['cosine']:>9.6f} {r['min_token_cos']:>11.6f} "
+                     f"{r['snr_db']:>8.2f} {r['max_abs_err']:>11.4g}{clipped}")
     if rows:
         worst = min(rows, key=lambda r: r["snr_db"])
         lines.append(f"worst: {worst['name']} ({worst['snr_db']:.2f} dB, {len(rows)} linears, "

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from edgeformer.kernels import gemm_s8 as g
 from edgeformer.kernels.mathfn import ACT_GELU_ERF, ACT_NONE, ACT_RELU
-from edgeformer.reference.activation import activation_ref
+# the NumPy references (exact twins of the kernels' integer and float32 operations)
+from edgeformer.reference.linear_int8 import acc_ref, epilogue_ref, quantize_rows_ref, quantize_rows_static_ref
 
 F32 = np.float32
 NO_BIAS = np.zeros(0, F32)
@@ -23,50 +24,6 @@ PATHS = g.available_paths()
 PATH_IDS = [g.PATH_NAMES[p] for p in PATHS]
 SENTINEL_I = np.int32(-123456789)
 SENTINEL_F = F32(-777.5)
-
-
-# ---- NumPy references ---------------------------------------------------------------------------
-
-def quantize_rows_ref(x, asym):
-    """Exact NumPy twin of quantize_rows (same float32 operations; np.rint = round half to even)."""
-    x = np.asarray(x, F32)
-    t, k = x.shape
-    if not asym:
-        m = np.abs(x).max(axis=1) if k else np.zeros(t, F32)
-        inv = np.where(m > 0, F32(127) / np.where(m > 0, m, F32(1)), F32(0)).astype(F32)
-        s = np.where(m > 0, m / F32(127), F32(0)).astype(F32)
-        q = np.clip(np.rint(x * inv[:, None]), -127, 127).astype(np.int32) + 128
-        zp = np.full(t, 128, np.int32)
-    else:
-        lo = np.minimum(x.min(axis=1), F32(0))
-        hi = np.maximum(x.max(axis=1), F32(0))
-        rng = (hi - lo).astype(F32)
-        inv = np.where(rng > 0, F32(255) / np.where(rng > 0, rng, F32(1)), F32(0)).astype(F32)
-        s = np.where(rng > 0, rng / F32(255), F32(0)).astype(F32)
-        zf = np.clip(np.rint(-lo * inv), 0, 255).astype(F32)
-        q = np.clip(np.rint(x * inv[:, None]) + zf[:, None], 0, 255).astype(np.int32)
-        zp = zf.astype(np.int32)
-    return q.astype(np.uint8), s.astype(F32), zp
-
-
-def acc_ref(aq, zp, wq):
-    """Exact int accumulators: sum_k (a - zp) * w in int64 (then int32: they fit by the documented bound)."""
-    k = wq.shape[1]
-    acc = (aq[:, :k].astype(np.int64) - zp[:, None].astype(np.int64)) @ wq.astype(np.int64).T
-    assert np.abs(acc).max(initial=0) < 2 ** 31
-    return acc.astype(np.int32)
-
-
-def epilogue_ref(acc, sa, ws, bias, residual, act):
-    y = (acc.astype(F32) * ws[None, :]) * sa[:, None]
-    if bias is not None:
-        y = y + bias[None, :]
-    if act != ACT_NONE:
-        name = {ACT_RELU: "relu", ACT_GELU_ERF: "gelu"}[act]
-        y = activation_ref(y.astype(np.float64), name).astype(F32)
-    if residual is not None:
-        y = y + residual
-    return y
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -203,6 +160,127 @@ def test_worst_case_accumulation(path, k):
 def test_accumulation_bound_is_documented_and_safe():
     assert 255 * 127 * g.K_MAX < 2 ** 31 - 1
     assert 255 * 127 * (g.K_MAX + 2000) > 2 ** 31 - 1 or g.K_MAX + 2000 > 66311
+
+
+# ---- static per-tensor activation quantisation (quantize_rows_static) ----------------------------------
+
+def _readonly(a):
+    a = np.ascontiguousarray(a)
+    a.setflags(write=False)  # like the smoothing vector mapped from a model file: one kernel signature
+    return a
+
+
+NO_SMOOTH_RO = _readonly(np.zeros(0, F32))
+
+
+def run_static(x, asym, scale, z, smooth=None, r0=0, r1=None, kp=None):
+    m, k = x.shape
+    r1 = m if r1 is None else r1
+    kp = 4 * -(-k // 4) if kp is None else kp
+    aq = np.full((m, kp), 7, np.uint8)
+    sa = np.full(m, SENTINEL_F, F32)
+    zp = np.full(m, SENTINEL_I, np.int32)
+    g.quantize_rows_static(np.ascontiguousarray(x, F32), asym, NO_SMOOTH_RO if smooth is None else _readonly(smooth),
+                           np.array([scale], F32), np.array([z], np.int32), aq, sa, zp, r0, r1)
+    return aq, sa, zp
+
+
+@pytest.mark.parametrize("asym", [0, 1])
+@settings(max_examples=min(40, settings.default.max_examples), deadline=None)
+@given(m=st.integers(1, 40), k=st.integers(1, 70), seed=st.integers(0, 2 ** 31), use_smooth=st.booleans(),
+       log_scale=st.floats(-12, 6), z=st.integers(0, 255), data=st.data())
+def test_quantize_rows_static_exact(asym, m, k, seed, use_smooth, log_scale, z, data):
+    rng = np.random.default_rng(seed)
+    scale = F32(2.0 ** log_scale)
+    # values from well inside the range to ~3x beyond it (they clip)
+    x = (rng.standard_normal((m, k)) * scale * rng.choice([1, 40, 400], (m, 1))).astype(F32)
+    smooth = rng.uniform(0.25, 4, k).astype(F32) if use_smooth else None
+    r0 = data.draw(st.integers(0, m))
+    r1 = data.draw(st.integers(r0, m))
+    aq, sa, zp = run_static(x, asym, scale, z, smooth, r0, r1)
+    q, s, zz = quantize_rows_static_ref(x, asym, scale, z, smooth)
+    np.testing.assert_array_equal(aq[r0:r1, :k], q[r0:r1])
+    np.testing.assert_array_equal(sa[r0:r1], s[r0:r1])
+    np.testing.assert_array_equal(zp[r0:r1], zz[r0:r1])
+    assert np.all(zp[r0:r1] == (z if asym else 128))
+    assert np.all(aq[r0:r1, k:] == zp[r0:r1, None])  # K padding holds the zero point
+    assert np.all(aq[:r0] == 7) and np.all(aq[r1:] == 7) and np.all(sa[:r0] == SENTINEL_F)  # only rows r0:r1
+    # inside the representable range the dequantisation error is <= half a step; outside, the end codes
+    v = x[r0:r1] * (1 if smooth is None else smooth[None, :])
+    sc = float(scale)
+    lo, hi = ((-127 * sc, 127 * sc) if not asym else (-z * sc, (255 - z) * sc))
+    deq = (aq[r0:r1, :k].astype(np.float64) - zp[r0:r1, None]) * scale
+    inside = (v >= lo) & (v <= hi)
+    assert np.all(np.abs(deq - v)[inside] <= scale * 0.5001)
+    assert np.all(deq[v > hi] == hi) and np.all(deq[v < lo] == lo)
+
+
+@pytest.mark.parametrize("asym, z", [(0, 128), (1, 0), (1, 77), (1, 255)])
+def test_quantize_rows_static_clips_out_of_range(asym, z):
+    s = F32(0.5)
+    top, bottom = (255, 1) if not asym else (255, 0)
+    x = np.array([[np.inf, -np.inf, 1e30, -1e30, 3e38, -3e38, np.nan, 0.0, -0.0, 63.5 + z * 0, 0.25, 0.75]], F32)
+    aq, sa, zp = run_static(x, asym, s, z)
+    want, _, _ = quantize_rows_static_ref(x, asym, s, z)
+    np.testing.assert_array_equal(aq[:, :x.shape[1]], want)
+    zero = 128 if not asym else z
+    assert list(aq[0, :7]) == [top, bottom, top, bottom, top, bottom, top]  # NaN -> the top code
+    assert aq[0, 7] == aq[0, 8] == zero  # 0 and -0 are exact
+    assert aq[0, 10] == zero and aq[0, 11] == min(zero + 2, 255)  # x/s = 0.5 and 1.5 round half to even
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@settings(max_examples=min(30, settings.default.max_examples), deadline=None)
+@given(m=st.integers(1, 200), k=st.integers(1, 150), n=st.integers(1, 120), seed=st.integers(0, 2 ** 31),
+       asym=st.sampled_from([0, 1]), use_smooth=st.booleans(), use_bias=st.booleans(), use_res=st.booleans())
+def test_static_linear_exact_every_path(path, m, k, n, seed, asym, use_smooth, use_bias, use_res):
+    """quantize_rows_static, then the path's GEMM in its already-quantised mode (quant == 0, what the op runs):
+    exact int32 accumulators and the bit-exact float epilogue of the integer reference."""
+    rng, wq, wp, cs = make(m, k, n, seed)
+    x = (rng.standard_normal((m, k)) * 2 + rng.uniform(-1, 1)).astype(F32)
+    smooth = rng.uniform(0.5, 2, k).astype(F32) if use_smooth else None
+    scale = F32(rng.uniform(0.005, 0.05))  # some of x clips
+    z = int(rng.integers(0, 256)) if asym else 0
+    ws = (rng.random(n) * 0.02 + 1e-3).astype(F32)
+    bias = rng.standard_normal(n).astype(F32) if use_bias else None
+    res = rng.standard_normal((m, n)).astype(F32) if use_res else None
+    kp = wp.shape[1] * 4
+    aq, sa, zp = run_static(x, asym, scale, z, smooth, kp=kp)
+    q, s_ref, z_ref = quantize_rows_static_ref(x, asym, scale, z, smooth)
+    acc = acc_ref(q, z_ref, wq)
+    raw = np.full((m, n), SENTINEL_I, np.int32)
+    out = np.full((m, n), SENTINEL_F, F32)
+    sm = NO_SMOOTH_RO if smooth is None else _readonly(smooth)
+    kern = g.linear_q(path)
+    kern(x, asym, sm, 0, aq, sa, zp, wp, cs, ws, n, NO_BIAS, NO_RES, ACT_NONE, np.zeros((0, 0), F32), raw, 0, m, 0,
+         wp.shape[0])
+    np.testing.assert_array_equal(raw, acc)
+    kern(x, asym, sm, 0, aq, sa, zp, wp, cs, ws, n, NO_BIAS if bias is None else bias, NO_RES if res is None else res,
+         ACT_NONE, out, NO_RAW, 0, m, 0, wp.shape[0])
+    np.testing.assert_array_equal(out, epilogue_ref(acc, s_ref, ws, bias, res, ACT_NONE))
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("asym", [0, 1])
+def test_static_worst_case_accumulation(path, asym):
+    """Activations far outside the calibrated range clip to the end codes: |a - zp| = 255 (asymmetric, zp = 0
+    or 255) or 127 (symmetric) against |w| = 127 over K = 8192 — the largest sums static rows can produce,
+    still exact (255 * 127 * K < 2**31 for K <= K_MAX)."""
+    m, n, k = 4, 33, 8192
+    wq = np.full((n, k), 127, np.int8)
+    wq[1::2] = -127
+    wp = g.pack_weight(wq)
+    cs = g.column_sums(wp)
+    x = np.full((m, k), 1e6, F32)
+    x[1::2] = -1e6
+    rows = []
+    for zero in ((0, 255) if asym else (128,)):
+        aq, sa, zp = run_static(x, asym, F32(0.01), zero, kp=wp.shape[1] * 4)
+        raw = run_raw(path, aq, sa, zp, wp, cs, n, 0, m, 0, wp.shape[0])
+        want = acc_ref(aq, zp, wq)
+        np.testing.assert_array_equal(raw, want)
+        rows.append(np.abs(want).max())
+    assert max(rows) == (255 if asym else 127) * 127 * k
 
 
 # ---- GEMM: float epilogue ----------------------------------------------------------------------------

@@ -9,13 +9,18 @@ Activations are always stored as **u8 with a per-row zero point** zp (int32): sy
 q in [-127, 127] are stored as q + 128 with zp = 128 (the "xor 0x80" of numba.md §1), asymmetric u8
 as q in [0, 255] with zp in [0, 255]. The kernel computes sum_k a*w (what `vpdpbusd` computes) and
 subtracts zp[r] * colsum[n] in the epilogue; colsum (int32 (Npad,)) = sum_k w[n, k] is computed once
-per weight (`column_sums`, at load), never per call.
+per weight (`column_sums`, at load), never per call. The rows come from one of two quantisers with that
+same layout: `quantize_rows_smooth` (dynamic: scale and zero point per row from the row's range, at run
+time) or `quantize_rows_static` (static: one calibrated scale and zero point per tensor, stored in the
+model file); the GEMM ("already quantised" mode, quant == 0) does not know which.
 
 Accumulation bound: |a| <= 255 and |w| <= 127 (weights are quantised to [-127, 127]; -128 is rejected
 by the op layer), so |sum_k a*w| <= 255*127*K = 32385*K, and |sum_k (a - zp)*w| <= 32385*K as well
-(|a - zp| <= 255). Both fit int32 (2**31 - 1) for K <= 66311; we accept **K <= K_MAX = 65536**, so no
-partial sum the hardware forms (vpdpbusd is non-saturating; pmaddwd pairs are <= 2*32385) can wrap.
-The epilogue forms acc - zp*colsum in int64, exactly. The op layer and the converter reject larger K.
+(|a - zp| <= 255, whichever quantiser produced a and zp: both keep a, zp in [0, 255]). Both fit int32
+(2**31 - 1) for K <= 66311; we accept **K <= K_MAX = 65536**, so no partial sum the hardware forms
+(vpdpbusd is non-saturating; pmaddwd pairs are <= 2*32385) can wrap. The zero-point correction
+acc - zp*colsum is formed in int32 registers with wrap-around, which is exact because the true value
+fits. The op layer and the converter reject larger K (docs/QUANTIZATION.md).
 
 Packed weight layout (`pack_weight`, fixed, independent of the CPU, so a file is portable):
 w (N, K) int8 -> wp (P, K4, 64) int8 with K4 = ceil(K/4) and P = ceil(N/16) rounded up to a multiple
@@ -503,6 +508,58 @@ def quantize_rows_smooth(x, asym, smooth, aq, sa, zp, r0, r1):
                 v = _F0 if v < _F0 else v
                 qr[j] = np.uint8(np.int32(v))
             z = np.int32(zf)
+        for j in range(k, kp):
+            qr[j] = np.uint8(z)
+        sa[r] = s
+        zp[r] = z
+
+
+_F1 = np.float32(1.0)
+
+
+@kernel
+def quantize_rows_static(x, asym, smooth, qscale, qzero, aq, sa, zp, r0, r1):
+    """Static per-tensor quantisation of rows r0:r1 of x (T, K) f32 into aq (T, Kp) u8 (Kp = 4*ceil(K/4)),
+    with one calibrated scale s = qscale[0] (f32, finite, > 0, 1/s finite) and, asymmetric, one zero point
+    z = qzero[0] in [0, 255] (qzero is ignored when symmetric):
+
+        inv = f32(1 / s)
+        symmetric (asym == 0): a = clip(rint(v * inv), -127, 127) + 128, zp = 128
+        asymmetric:            a = clip(rint(v * inv) + z, 0, 255),       zp = z
+    with v = x[r, k] * smooth[k] (smooth (K,) f32, SmoothQuant) or v = x[r, k] (smooth (0,)).
+
+    The same u8 layout as quantize_rows_smooth (padding bytes k >= K hold zp; sa[r] = s, zp[r] = zp), so the
+    GEMM cannot tell the modes apart and the accumulation bound is unchanged (|a - zp| <= 255). Values beyond
+    the calibrated range clip to the end codes (+-inf too); the clip is written `v if v < hi else hi`, so a
+    NaN becomes the top code instead of an undefined float->int conversion. No validation (the op checks
+    s, z and the shapes at load)."""
+    k = x.shape[1]
+    kp = aq.shape[1]
+    s = qscale[0]
+    inv = _F1 / s
+    if asym == 0:
+        z = np.int32(128)
+        lo = _F1  # rint + 128 in [1, 255]  <=>  rint in [-127, 127]
+    else:
+        z = np.int32(qzero[0])
+        lo = _F0
+    zf = np.float32(z)
+    smoothed = smooth.shape[0] != 0
+    for r in range(r0, r1):
+        xr = x[r]
+        qr = aq[r]
+        if smoothed:
+            for j in range(k):
+                v = _rint((xr[j] * smooth[j]) * inv) + zf
+                v = v if v < _F255 else _F255
+                v = v if v > lo else lo
+                qr[j] = np.uint8(np.int32(v))
+        else:
+            for j in range(k):
+                v = _rint(xr[j] * inv) + zf
+                v = v if v < _F255 else _F255
+                v = v if v > lo else lo
+                qr[j] = np.uint8(np.int32(v))
         for j in range(k, kp):
             qr[j] = np.uint8(z)
         sa[r] = s

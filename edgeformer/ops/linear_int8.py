@@ -7,8 +7,17 @@ Tensors of a node (written by converters.quantize.int8_linear):
     bias          (N,) float32       optional
     smooth        (K,) float32       optional, finite and > 0: activations are quantised as x[:, k] * smooth[k]
                                      (SmoothQuant; the converter stored w[:, k] / smooth[k])
+    input_scale   (1,) float32       optional: STATIC per-tensor activation quantisation with this calibrated
+                                     scale (finite, > 0, 1 / scale finite) instead of per-token scales
+    input_zero_point (1,) int32      static asymmetric only (then required): the zero point, in [0, 255]
 Attributes: out_features N, in_features K (<= gemm_s8.K_MAX, the int32 accumulation bound),
-activation_quant "asymmetric" (default: u8 with a per-token zero point) or "symmetric" (s8, max-abs).
+activation_quant "asymmetric" (default: u8 with a zero point) or "symmetric" (s8, zero point 128 in u8).
+
+Dynamic (no input_scale): every token row gets its own scale (and zero point) from its range at run time
+(gemm_s8.quantize_rows_smooth). Static (input_scale present): every row is quantised with the stored scale
+and zero point (gemm_s8.quantize_rows_static, values outside the calibrated range clip), then the same GEMM
+runs on the quantised rows. Both produce u8 codes and zero points in [0, 255], so the accumulation bound
+is the same.
 """
 from __future__ import annotations
 
@@ -58,6 +67,7 @@ class Int8Weights:
             if not np.all(np.isfinite(smooth)) or not np.all(smooth > 0):
                 raise GraphError(f"node {node.name!r}: smooth must be finite and > 0")
         self.smooth = NO_VECTOR if smooth is None else smooth
+        self.static = _static_params(node, weights, self.asym)  # None (dynamic) or ((1,) f32, (1,) int32)
         self.wp = wp
         self.scale = scale
         self.bias = NO_VECTOR if bias is None else bias
@@ -68,6 +78,7 @@ class Int8Weights:
         self.mr, self.np_ = g.path_blocking(self.path)
         self.kernel = g.linear_q(self.path)
         self.quantize = g.quantize_rows_smooth
+        self.quantize_static = g.quantize_rows_static
         self.groups = -(-self.out_features // (16 * self.np_))  # panel groups holding columns
 
     def __call__(self, x, residual, act, out, workers):
@@ -78,6 +89,9 @@ class Int8Weights:
         sa = np.empty(rows, dtype=np.float32)
         zp = np.empty(rows, dtype=np.int32)
         panels = self.wp.shape[0]
+        if self.static is not None:
+            self._static_call(x, residual, act, out, workers, aq, sa, zp)
+            return
         if rows >= 2 * workers.threads * ROWS_PER_THREAD or workers.threads == 1 or self.groups < 2:
             # each range quantises its own rows, then multiplies them: one kernel call per thread
             workers.split(_rows, rows, self.kernel, x, self.asym, self.smooth, aq, sa, zp, self.wp, self.colsum, self.scale,
@@ -87,6 +101,56 @@ class Int8Weights:
             workers.split(_panels, self.groups * self.np_, self.kernel, x, self.asym, self.smooth, aq, sa, zp, self.wp,
                           self.colsum, self.scale, self.out_features, self.bias, residual, act, out, _NO_RAW, rows,
                           align=self.np_)
+
+    def _static_call(self, x, residual, act, out, workers, aq, sa, zp):
+        rows, panels = x.shape[0], self.wp.shape[0]
+        qscale, qzero = self.static
+        if rows >= 2 * workers.threads * ROWS_PER_THREAD or workers.threads == 1 or self.groups < 2:
+            # each range quantises its own rows with the stored scale, then multiplies them
+            workers.split(_static_rows, rows, self.quantize_static, self.kernel, x, self.asym, self.smooth, qscale,
+                          qzero, aq, sa, zp, self.wp, self.colsum, self.scale, self.out_features, self.bias, residual,
+                          act, out, _NO_RAW, panels)
+        else:
+            workers.split(self.quantize_static, rows, x, self.asym, self.smooth, qscale, qzero, aq, sa, zp)
+            workers.split(_panels, self.groups * self.np_, self.kernel, x, self.asym, self.smooth, aq, sa, zp, self.wp,
+                          self.colsum, self.scale, self.out_features, self.bias, residual, act, out, _NO_RAW, rows,
+                          align=self.np_)
+
+
+def _static_params(node, weights, asym):
+    """Validated static activation parameters of a node: None (dynamic), or (scale (1,) f32, zero point (1,)
+    int32), fresh writable copies (the kernel keeps one signature whatever the file's arrays are)."""
+    scale = weight(node, weights, "input_scale", 1, optional=True)
+    zero = weight(node, weights, "input_zero_point", 1, dtype=np.int32, optional=True)
+    if scale is None:
+        if zero is not None:
+            raise GraphError(f"node {node.name!r}: input_zero_point without input_scale")
+        return None
+    same_width(node, "input_scale", scale.shape[0], 1)
+    s = np.float32(scale[0])
+    with np.errstate(over="ignore", divide="ignore"):
+        inv = np.float32(1) / s
+    if not (np.isfinite(s) and s > 0 and np.isfinite(inv)):
+        raise GraphError(f"node {node.name!r}: input_scale must be finite and > 0 with a finite reciprocal, got {s!r}")
+    if asym:
+        if zero is None:
+            raise GraphError(f"node {node.name!r}: static asymmetric activation quantization needs input_zero_point")
+        same_width(node, "input_zero_point", zero.shape[0], 1)
+        if not 0 <= int(zero[0]) <= 255:
+            raise GraphError(f"node {node.name!r}: input_zero_point must lie in [0, 255], got {int(zero[0])}")
+        z = int(zero[0])
+    else:
+        if zero is not None:
+            raise GraphError(f"node {node.name!r}: input_zero_point is only for activation_quant 'asymmetric' "
+                             f"(symmetric codes have zero point 128)")
+        z = 128
+    return np.array([s], dtype=np.float32), np.array([z], dtype=np.int32)
+
+
+def _static_rows(quantize, kernel, x, asym, smooth, qscale, qzero, aq, sa, zp, wp, colsum, ws, n, bias, residual, act,
+                 out, raw, panels, r0, r1):
+    quantize(x, asym, smooth, qscale, qzero, aq, sa, zp, r0, r1)
+    kernel(x, asym, smooth, 0, aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, r0, r1, 0, panels)
 
 
 def _rows(kernel, x, asym, smooth, aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, panels, r0, r1):
