@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from converters import quantizable
 from converters.registry import register_loader
 from edgeformer.errors import EdgeformerError
 from edgeformer.kernels.gemm_f32 import pack_weight
@@ -58,6 +59,7 @@ def load_bert(config: dict, ckpt, builder, *, quantize=None) -> dict[str, np.nda
     ckpt.strip_prefix("bert.", "embeddings.word_embeddings.weight")
     head_dim = d // heads
     tensors: dict[str, np.ndarray] = {}
+    quantizable_options = quantizable.has_options(config)
 
     ids = builder.input("input_ids")
     builder.input("attention_mask", optional=True)
@@ -89,9 +91,13 @@ def load_bert(config: dict, ckpt, builder, *, quantize=None) -> dict[str, np.nda
         qkv_w = np.concatenate([ckpt.get(f"{p}.attention.self.{n}.weight", (d, d)) for n in names])  # (3d, d)
         qkv_b = np.concatenate([ckpt.get(f"{p}.attention.self.{n}.bias", (d,)) for n in names]) \
             if ckpt.has(f"{p}.attention.self.query.bias") else None  # (3d,)
+        attn_attrs = {"kind": "softmax", "num_heads": heads, "head_dim": head_dim, "scale": 1.0 / math.sqrt(head_dim)}
+        attn_weights, gated = {}, False
+        if quantizable_options:  # clipped softmax / gated attention (converters/quantizable.py)
+            qkv_w, qkv_b, attn_weights, attn_attrs, gated = quantizable.bert_attention(
+                config, ckpt, f"{p}.attention.self", heads, head_dim, qkv_w, qkv_b, tensors, attn_attrs)
         qkv = builder.add("linear", f"{p}.attention.qkv", [h], *store(tensors, f"{p}.attention.qkv", qkv_w, qkv_b))
-        ctx = builder.add("attention", f"{p}.attention", [qkv], attrs={
-            "kind": "softmax", "num_heads": heads, "head_dim": head_dim, "scale": 1.0 / math.sqrt(head_dim)})
+        ctx = builder.add("attention", f"{p}.attention", [qkv, h] if gated else [qkv], attn_weights, attn_attrs)
         a = builder.add("linear", f"{p}.attention.output.dense", [ctx, h],
                         *_linear(ckpt, f"{p}.attention.output.dense", (d, d), tensors, store))
         h1 = builder.add("layer_norm", f"{p}.attention.output.LayerNorm", [a],

@@ -8,6 +8,7 @@ from edgeformer.ops.linear import Linear
 from edgeformer.ops import linear_int8  # noqa: F401  (registers the int8 weight formats)
 from edgeformer.ops import linear_lut  # noqa: F401  (registers the lut weight format)
 from edgeformer.ops import attention_binary_hash  # noqa: F401  (registers the binary_hash attention kind)
+from edgeformer.ops import attention_quantizable  # noqa: F401  (registers clipped_softmax, gated)
 from edgeformer.ops.normalize import Normalize
 from edgeformer.ops.pool import Pool
 from edgeformer.ops.rms_norm import RmsNorm

@@ -10,7 +10,10 @@ called as ``kind(x, batch, out, workers)``. A kind with weights sets the class a
 ``takes_weights = True`` and is constructed as ``cls(node, num_heads, head_dim, weights)`` (it checks
 its own weights); other kinds reject weights. A kind may declare its own input layout through an
 ``input_width`` attribute (default 3*H*dh, the [Q | K | V] layout); binary_hash, for example, also
-accepts EcoFormer's shared-QK layout [U | V] of width 2*H*dh.
+accepts EcoFormer's shared-QK layout [U | V] of width 2*H*dh. A kind that also reads the attention
+layer's input (the ``gated`` kind's gate) sets ``layer_input_width`` (an int, d_model): the node then
+takes that value as a second input, (T, d_model), and the kind is called as
+``kind(x, batch, out, workers, layer_input)``; every other kind takes exactly one input.
 """
 from __future__ import annotations
 
@@ -88,10 +91,14 @@ class Attention:
 
     @classmethod
     def infer(cls, node, in_types, weights):
-        inputs_count(node, in_types, 1)
         kind = cls._kind(node, weights)
-        if in_types[0].kind != TOKENS:
-            raise GraphError(f"node {node.name!r}: attention input must be a token value")
+        layer_width = getattr(kind, "layer_input_width", None)
+        inputs_count(node, in_types, 1 if layer_width is None else 2)
+        if any(t.kind != TOKENS for t in in_types):
+            raise GraphError(f"node {node.name!r}: attention inputs must be token values")
+        if layer_width is not None and in_types[1].width != layer_width:
+            raise GraphError(f"node {node.name!r}: layer input width {in_types[1].width} != {layer_width} "
+                             f"(the width the {node.attrs.get('kind')!r} kind's weights read)")
         width = kind.num_heads * kind.head_dim
         want = getattr(kind, "input_width", 3 * width)
         if in_types[0].width != want:
@@ -107,11 +114,15 @@ class Attention:
     def bind(cls, node, weights):
         kind = cls._kind(node, weights)
         width = kind.num_heads * kind.head_dim
+        takes_layer_input = getattr(kind, "layer_input_width", None) is not None
 
         def run(inputs, batch, workers):
             qkv = inputs[0]
             out = np.empty((qkv.shape[0], width), dtype=np.float32)  # (T, H*dh)
-            kind(qkv, batch, out, workers)
+            if takes_layer_input:
+                kind(qkv, batch, out, workers, inputs[1])
+            else:
+                kind(qkv, batch, out, workers)
             return [out]
 
         return run

@@ -8,12 +8,18 @@ Conventions:
   returns **zeros**, not NaN. PyTorch's scaled_dot_product_attention returns NaN there; compare
   on valid tokens only.
 - ``scale`` defaults to 1/sqrt(head_dim).
+- Clipped softmax (Quantizable Transformers, seed_algorithms §3.2): ``gamma`` (<= 0) and ``zeta`` (>= 1)
+  turn the probabilities into clip((zeta - gamma) p + gamma, 0, 1) without renormalising; the
+  defaults gamma = 0, zeta = 1 skip the clip, so plain softmax is reproduced bit for bit. Masked
+  keys have p = 0 and stay 0.
+- Gated attention (§3.3): ``attention_gate_ref`` gives sigmoid(G(x)) per token and head from the
+  attention layer's input x, per head (head h reads x[:, h*dh:(h+1)*dh]) or all heads (all of x).
 """
 import numpy as np
 
 
-def attention_ref(q, k, v, key_mask=None, scale=None, causal=False):
-    """softmax(scale * q k^T + mask) v; returns float64 (B, H, Sq, dv).
+def attention_ref(q, k, v, key_mask=None, scale=None, causal=False, gamma=0.0, zeta=1.0):
+    """softmax(scale * q k^T + mask) v (clipped with gamma, zeta when given); returns float64 (B, H, Sq, dv).
 
     q (B, H, Sq, dh), k (B, H, Sk, dh), v (B, H, Sk, dv), key_mask (B, Sk) bool (True = real key).
     """
@@ -36,7 +42,30 @@ def attention_ref(q, k, v, key_mask=None, scale=None, causal=False):
     p = np.where(allowed, np.exp(scores - row_max), 0.0)
     denom = p.sum(axis=-1, keepdims=True)
     p = p / np.where(denom > 0, denom, 1.0)  # fully masked rows stay all-zero
+    if gamma != 0.0 or zeta != 1.0:
+        p = clipped_probs_ref(p, gamma, zeta)
     return np.einsum("bhij,bhjd->bhid", p, v)
+
+
+def clipped_probs_ref(p, gamma, zeta):
+    """clip((zeta - gamma) p + gamma, 0, 1) in float64: p < -gamma / (zeta - gamma) -> exactly 0."""
+    return np.clip((zeta - gamma) * np.asarray(p, dtype=np.float64) + gamma, 0.0, 1.0)
+
+
+def attention_gate_ref(x, gate_weight, gate_bias, num_heads, head_dim, gate_scale=1.0):
+    """Gates (T, H) = gate_scale * sigmoid(G(x)) in float64 for layer input x (T, d_model).
+
+    gate_weight (H, dh): per-head Linear(dh -> 1) on head h's slice x[:, h*dh:(h+1)*dh];
+    gate_weight (H, d_model): the all-heads Linear(d_model -> H) on all of x. gate_bias (H,)."""
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(gate_weight, dtype=np.float64)
+    T = x.shape[0]
+    if w.shape == (num_heads, head_dim) and x.shape[1] == num_heads * head_dim:
+        z = np.einsum("thc,hc->th", x.reshape(T, num_heads, head_dim), w)  # (T, H)
+    else:
+        z = x @ w.T  # (T, H)
+    z = z + np.asarray(gate_bias, dtype=np.float64)
+    return gate_scale / (1.0 + np.exp(-z))
 
 
 def unpack_qkv(qkv, cu_seqlens, num_heads, head_dim):
@@ -58,13 +87,25 @@ def unpack_qkv(qkv, cu_seqlens, num_heads, head_dim):
     return q, k, v, mask
 
 
-def packed_attention_ref(qkv, cu_seqlens, num_heads, head_dim, scale, causal):
-    """Reference for kernels.attention.attention_softmax; returns float64 (T, H*dh)."""
+def packed_attention_ref(qkv, cu_seqlens, num_heads, head_dim, scale, causal, gamma=0.0, zeta=1.0):
+    """Reference for kernels.attention.attention_softmax (and, with gamma / zeta,
+    kernels.attention_clipped.attention_clipped_softmax); returns float64 (T, H*dh)."""
     q, k, v, mask = unpack_qkv(qkv, cu_seqlens, num_heads, head_dim)
-    o = attention_ref(q, k, v, key_mask=mask, scale=scale, causal=causal)  # (B, H, S, dh)
+    o = attention_ref(q, k, v, key_mask=mask, scale=scale, causal=causal, gamma=gamma, zeta=zeta)  # (B, H, S, dh)
     cu = np.asarray(cu_seqlens, dtype=np.int64)
     out = np.zeros((int(cu[-1]) if len(cu) else 0, num_heads * head_dim))
     for b in range(len(cu) - 1):
         L = int(cu[b + 1] - cu[b])
         out[cu[b] : cu[b + 1]] = o[b, :, :L].transpose(1, 0, 2).reshape(L, num_heads * head_dim)
     return out
+
+
+
+def packed_gated_attention_ref(qkv, x, cu_seqlens, num_heads, head_dim, scale, causal, gate_weight, gate_bias,
+                               gamma=0.0, zeta=1.0, gate_scale=1.0):
+    """Gated attention on packed tokens: (clipped) softmax attention, each head's output of each token
+    times its gate (attention_gate_ref of the layer input x (T, d_model)); float64 (T, H*dh)."""
+    o = packed_attention_ref(qkv, cu_seqlens, num_heads, head_dim, scale, causal, gamma, zeta)  # (T, H*dh)
+    g = attention_gate_ref(x, gate_weight, gate_bias, num_heads, head_dim, gate_scale)  # (T, H)
+    T = o.shape[0]
+    return (o.reshape(T, num_heads, head_dim) * g[:, :, None]).reshape(T, num_heads * head_dim)
