@@ -27,8 +27,8 @@ LLVM ``bitcast`` + ``fpext``, which becomes vcvtph2ps; Numba has no float16 arit
 int8 with the per-row scale s (K*R,). ``as_f32`` picks the widening by the table's dtype at compile time.
 
 Loop order of ``lut_gather`` (bandwidth-bound: each token reads K random rows): column tiles of
-COL_TILE outputs > token tiles of TOKEN_TILE rows > tables > tokens. The output tile (16 x 256 floats,
-16 KiB) stays in L1 while the K tables are accumulated into it; the slice of table k that the tile's
+max(COL_TILE, OUT_TILE_FLOATS / tokens) outputs > token tiles of TOKEN_TILE rows > tables > tokens. The
+output tile (16 x 512 floats, 32 KiB; one token: up to 8192 columns) stays in L1 while the K tables are accumulated into it; the slice of table k that the tile's
 tokens gather from (R x 1 KiB) is in L2 for all tokens of the tile, and the slices of one column tile
 (K*R KiB) are reused from L3 by the following token tiles. Accumulation is in float32, in the order
 bias, table 0, 1, ..., K-1 (the NumPy reference sums in float64).
@@ -46,7 +46,8 @@ WEIGHT_PROB = 1  # paper: prod sigmoid(2|z|/t)
 WEIGHT_MODES = {"code_l1_times_prob": WEIGHT_L1_PROB, "paper_prob": WEIGHT_PROB}
 
 TOKEN_TILE = 16  # tokens whose output rows stay in L1 while the K tables are accumulated
-COL_TILE = 256  # output columns per tile (1 KiB of a float32 table row)
+COL_TILE = 256  # output columns per tile (1 KiB of a float32 table row), at least
+OUT_TILE_FLOATS = 8192  # output floats of one tile kept in L1 (32 KiB): fewer tokens -> wider tiles
 
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
@@ -152,8 +153,15 @@ def lut_gather(codes, weights, tables, rows_per_table, scale, bias, residual, ac
     has_scale = scale.shape[0] != 0
     has_bias = bias.shape[0] != 0
     has_res = residual.shape[0] != 0
-    for cc0 in range(c0, c1, COL_TILE):
-        cc1 = min(cc0 + COL_TILE, c1)
+    # Few tokens: widen the column tile (up to OUT_TILE_FLOATS floats of output in L1), so that each
+    # gathered row is read in one piece — every extra piece is another walk over the row's pages (TLB
+    # misses dominate a one-token call on a table of tens of MiB).
+    tokens = min(TOKEN_TILE, r1 - r0)
+    width = COL_TILE
+    if tokens > 0 and OUT_TILE_FLOATS // tokens > width:
+        width = OUT_TILE_FLOATS // tokens
+    for cc0 in range(c0, c1, width):
+        cc1 = min(cc0 + width, c1)
         for t0 in range(r0, r1, TOKEN_TILE):
             t1 = min(t0 + TOKEN_TILE, r1)
             for r in range(t0, t1):
