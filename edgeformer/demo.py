@@ -85,7 +85,7 @@ def language_id(args) -> int:
     """Classify files (default: the bundled samples) with the embedded byte classifier."""
     from edgeformer.classify import ByteClassifier
 
-    paths = [Path(p) for p in args.files] if args.files else sorted(SAMPLES.iterdir())
+    paths = [Path(p) for p in args.files] if args.files else sorted(p for p in SAMPLES.iterdir() if p.is_file())
     start = time.perf_counter()
     clf = ByteClassifier(args.model, threads=args.threads)
     print(f"loaded {Path(clf.model.path).name} ({len(clf.labels)} labels, {clf.model.threads} threads) "
