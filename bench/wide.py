@@ -4,6 +4,8 @@
     python bench/langid/corpus.py --out /tmp/langid
     python bench/langid/train.py --data /tmp/langid --layers 6 --heads 4  --out /tmp/deep
     python bench/langid/train.py --data /tmp/langid --layers 1 --heads 24 --out /tmp/wide
+    python bench/langid/evaluate.py --data /tmp/langid --model /tmp/deep      # test accuracy by length
+    python bench/langid/evaluate.py --data /tmp/langid --model /tmp/wide
     python bench/wide.py --deep /tmp/deep --wide /tmp/wide --data /tmp/langid   # about 5 min on the 2-vCPU VM
 
 For each thread count (1, 2) one pinned subprocess loads both models into edgeformer and into the
@@ -11,7 +13,8 @@ PyTorch reference module (same process, torch.set_num_threads = threads) and tim
 classification of byte lengths 1024 and 4096, engines and models interleaved cell by cell, repeated
 ``--rounds`` times; medians are reported, with deep/wide ratios. It also times one attention op
 alone (the wide model's 24 heads, 1024 and 4096 tokens) on 1 and 2 threads: the head-parallel speedup.
-Accuracy and parameter counts come from each checkpoint's metrics.json (bench/langid/train.py).
+Accuracy and parameter counts come from each checkpoint's metrics.json (train.py, evaluate.py); with
+--data, edgeformer's predictions on the test split are checked against PyTorch's (evaluate.py's logits).
 Results: bench/results/wide.json and wide.md.
 """
 from __future__ import annotations
