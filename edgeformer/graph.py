@@ -10,7 +10,10 @@ A graph is plain JSON (stored in the model file's header):
 
 Values between nodes are *packed*: a token value has shape (T, width) holding only the valid
 (unpadded) tokens of the batch back to back (ByteTransformer); a sequence value has shape (B, width).
-Graph inputs are the padded (B, S) integer arrays a user feeds; the session packs them.
+Graph inputs of kind "ids" (input_ids, token_type_ids) and "mask" (attention_mask) are the padded
+(B, S) integer arrays a user feeds; the session packs them. Inputs of kind "dense" (pixel values, or every
+input of a graph made of generic ops) are fed and passed on as they are: *dense* values hold a plain array
+of any shape and dtype in the user's (padded) layout.
 Every op declares, through its class in ``edgeformer.ops``, how to check its attributes and weights
 and the kind and width of its outputs; ``validate`` runs those rules once at load time so that
 ``Model.run`` does no graph work.
@@ -24,14 +27,24 @@ from edgeformer.errors import GraphError
 TOKENS = "tokens"  # (T, width): packed valid tokens
 SEQUENCES = "sequences"  # (B, width): one row per sequence
 IDS = "ids"  # (T,) int64 packed token ids, fed by the user as (B, S)
+DENSE = "dense"  # any shape and dtype, unpacked (padded layout): dense graph inputs, generic ops
+
+INPUT_KINDS = ("ids", "mask", "dense")
+INPUT_DTYPES = ("float32", "int64", "int32", "bool")
+_DEFAULT_KIND = {"input_ids": "ids", "token_type_ids": "ids", "attention_mask": "mask"}
 
 
 @dataclass(frozen=True)
 class ValueType:
-    """Kind and static width of a value; the leading dim (T or B) is known only at run time."""
+    """Kind and static width of a value; the leading dim (T or B) is known only at run time.
+
+    Dense values also carry their dtype and, where known, their shape (ints and symbolic strings);
+    token and sequence values are always float32."""
 
     kind: str
     width: int = 0
+    dtype: str = "float32"
+    shape: tuple | None = None
 
 
 @dataclass
@@ -104,8 +117,46 @@ def _node_from_json(data, index) -> Node:
     return Node(op, name, list(inputs), list(outputs), dict(weights), dict(attrs))
 
 
-# Graph inputs the session knows how to pack, and their types inside the graph.
-KNOWN_INPUTS = {"input_ids": ValueType(IDS), "token_type_ids": ValueType(IDS), "attention_mask": None}
+def input_kind(spec: dict) -> str:
+    """"ids" / "mask" (packed by the session) or "dense" (passed on as fed); defaults by name."""
+    return spec.get("kind") or _DEFAULT_KIND.get(spec["name"], "dense")
+
+
+def check_input_spec(spec: dict) -> None:
+    """Validate one graph input declaration (kind, dtype, shape, tokens_per_item)."""
+    name, kind = spec["name"], input_kind(spec)
+    if kind not in INPUT_KINDS:
+        raise GraphError(f"graph input {name!r}: kind must be one of {list(INPUT_KINDS)}, got {kind!r}")
+    if kind == "ids" and name not in ("input_ids", "token_type_ids"):
+        raise GraphError(f"graph input {name!r}: only input_ids and token_type_ids can be packed ids")
+    if kind == "mask" and name != "attention_mask":
+        raise GraphError(f"graph input {name!r}: only attention_mask can be the padding mask")
+    if kind != "dense":
+        return
+    if spec.get("dtype") not in INPUT_DTYPES:
+        raise GraphError(f"graph input {name!r}: dtype must be one of {list(INPUT_DTYPES)}, got {spec.get('dtype')!r}")
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or len(shape) > 8:
+        raise GraphError(f"graph input {name!r}: shape must be a list of at most 8 dims")
+    for dim in shape:
+        ok = (isinstance(dim, str) and dim) or (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0)
+        if not ok:
+            raise GraphError(f"graph input {name!r}: every dim must be a non-negative int or a name, got {dim!r}")
+    tokens = spec.get("tokens_per_item")
+    if tokens is not None:
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= 1 << 20:
+            raise GraphError(f"graph input {name!r}: tokens_per_item must be an int in [1, 2^20], got {tokens!r}")
+        if not shape or shape[0] != "batch":
+            raise GraphError(f"graph input {name!r}: an input with tokens_per_item must have 'batch' as first dim")
+
+
+def _input_type(spec: dict) -> ValueType | None:
+    kind = input_kind(spec)
+    if kind == "ids":
+        return ValueType(IDS, dtype="int64")
+    if kind == "mask":
+        return None  # consumed by the session (packing), not a value of the graph
+    return ValueType(DENSE, dtype=spec["dtype"], shape=tuple(spec["shape"]))
 
 
 def validate(graph: Graph, tensors: dict, registry: dict) -> dict[str, ValueType]:
@@ -115,14 +166,26 @@ def validate(graph: Graph, tensors: dict, registry: dict) -> dict[str, ValueType
     every op known, every weight present with the shape its op requires.
     """
     types: dict[str, ValueType] = {}
+    if not graph.inputs:
+        raise GraphError("graph declares no inputs")
     names = [s["name"] for s in graph.inputs]
-    if "input_ids" not in names:
-        raise GraphError("graph must have an 'input_ids' input")
+    if len(set(names)) != len(names):
+        raise GraphError("graph input names must be unique")
     for spec in graph.inputs:
-        if spec["name"] not in KNOWN_INPUTS:
-            raise GraphError(f"unsupported graph input {spec['name']!r}; known: {sorted(KNOWN_INPUTS)}")
-        if KNOWN_INPUTS[spec["name"]] is not None:
-            types[spec["name"]] = KNOWN_INPUTS[spec["name"]]
+        check_input_spec(spec)
+    kinds = {s["name"]: input_kind(s) for s in graph.inputs}
+    if "ids" in kinds.values() and kinds.get("input_ids") != "ids":
+        raise GraphError("a graph with packed id inputs needs a packed 'input_ids' input")
+    if "mask" in kinds.values() and "ids" not in kinds.values():
+        raise GraphError("attention_mask as a padding mask needs a packed 'input_ids' input")
+    if sum(1 for s in graph.inputs if s.get("tokens_per_item") is not None) > 1:
+        raise GraphError("at most one graph input may declare tokens_per_item")
+    if "ids" in kinds.values() and any(s.get("tokens_per_item") is not None for s in graph.inputs):
+        raise GraphError("tokens_per_item cannot be combined with packed id inputs")
+    for spec in graph.inputs:
+        vtype = _input_type(spec)
+        if vtype is not None:
+            types[spec["name"]] = vtype
     seen_nodes = set()
     for node in graph.nodes:
         if node.name in seen_nodes:
@@ -152,7 +215,7 @@ def validate(graph: Graph, tensors: dict, registry: dict) -> dict[str, ValueType
     if not graph.outputs:
         raise GraphError("graph declares no outputs")
     for spec in graph.outputs:
-        if spec["name"] not in types or types[spec["name"]].kind not in (TOKENS, SEQUENCES):
+        if spec["name"] not in types or types[spec["name"]].kind not in (TOKENS, SEQUENCES, DENSE):
             raise GraphError(f"graph output {spec['name']!r} is not produced by any node")
     return types
 
@@ -178,8 +241,14 @@ class GraphBuilder:
         self.nodes: list[Node] = []
         self._counter = 0
 
-    def input(self, name: str, optional: bool = False) -> str:
-        self.inputs.append({"name": name, "dtype": "int64", "shape": ["batch", "seq"], "optional": optional})
+    def input(self, name: str, optional: bool = False, *, dtype: str = "int64", shape=("batch", "seq"),
+              kind: str | None = None, tokens_per_item: int | None = None) -> str:
+        spec = {"name": name, "dtype": dtype, "shape": list(shape), "optional": optional}
+        if kind is not None:
+            spec["kind"] = kind
+        if tokens_per_item is not None:
+            spec["tokens_per_item"] = int(tokens_per_item)
+        self.inputs.append(spec)
         return name
 
     def add(self, op: str, name: str, inputs: list[str], weights: dict | None = None,

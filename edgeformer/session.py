@@ -17,7 +17,7 @@ from edgeformer import blas
 from edgeformer.batch import Batch
 from edgeformer.errors import InputError, ModelFileError
 from edgeformer.format import read_model
-from edgeformer.graph import IDS, TOKENS, Graph, last_uses, validate
+from edgeformer.graph import DENSE, IDS, TOKENS, Graph, input_kind, last_uses, validate
 from edgeformer.ops import REGISTRY
 from edgeformer.workers import Workers, default_threads
 
@@ -46,16 +46,26 @@ class Model:
             self._steps.append((node, REGISTRY[node.op].bind(node, weights)))
         self._last_use = last_uses(graph)
         self._workers = Workers(threads)
-        self.inputs = tuple(TensorSpec(s["name"], "int64", ("batch", "seq"), bool(s.get("optional")))
-                            for s in graph.inputs)
+        self._kinds = {s["name"]: input_kind(s) for s in graph.inputs}
+        self._specs = {s["name"]: s for s in graph.inputs}
+        self.inputs = tuple(self._input_spec(s) for s in graph.inputs)
         self.outputs = tuple(self._output_spec(s["name"]) for s in graph.outputs)
         self._input_names = {s.name for s in self.inputs}
         self._types_of_ids = [name for name, t in self._types.items() if t.kind == IDS]
         self._required = [s.name for s in self.inputs if not s.optional]
+        self._packed = "ids" in self._kinds.values()
+        self._tokens_input = next((s["name"] for s in graph.inputs if s.get("tokens_per_item") is not None), None)
         self._text = None
+
+    def _input_spec(self, spec):
+        if self._kinds[spec["name"]] == "dense":
+            return TensorSpec(spec["name"], spec["dtype"], tuple(spec["shape"]), bool(spec.get("optional")))
+        return TensorSpec(spec["name"], "int64", ("batch", "seq"), bool(spec.get("optional")))
 
     def _output_spec(self, name):
         vtype = self._types[name]
+        if vtype.kind == DENSE:
+            return TensorSpec(name, vtype.dtype, tuple(vtype.shape) if vtype.shape is not None else None)
         shape = ("batch", "seq", vtype.width) if vtype.kind == TOKENS else ("batch", vtype.width)
         return TensorSpec(name, "float32", shape)
 
@@ -108,9 +118,9 @@ class Model:
         """
         arrays = self._check_feeds(feeds)
         wanted = self._check_outputs(outputs)
-        ids = arrays["input_ids"]
-        batch = Batch.from_mask(arrays.get("attention_mask"), ids.shape[0], ids.shape[1])
-        env = {name: batch.pack(a) for name, a in arrays.items() if name in self._types}
+        batch = self._batch(arrays)
+        env = {name: batch.pack(a) if self._kinds[name] == "ids" else a
+               for name, a in arrays.items() if name in self._types}
         for name in self._types_of_ids:
             if name not in env:  # an optional id input that was not fed (token_type_ids): all zeros
                 env[name] = np.zeros(batch.num_tokens, dtype=np.int64)
@@ -131,6 +141,18 @@ class Model:
                     env.pop(value, None)
         return {name: batch.unpack(env[name]) if self._types[name].kind == TOKENS else env[name]
                 for name in wanted}
+
+    def _batch(self, arrays) -> Batch:
+        """The packing of the coarse ops: from the ids and mask, else from the input that declares
+        tokens_per_item (B items of P tokens, none padded), else a trivial (B, 1)."""
+        if self._packed:
+            ids = arrays["input_ids"]
+            return Batch.from_mask(arrays.get("attention_mask"), ids.shape[0], ids.shape[1])
+        if self._tokens_input is not None:
+            items = arrays[self._tokens_input].shape[0]
+            return Batch.from_mask(None, items, self._specs[self._tokens_input]["tokens_per_item"])
+        first = next(iter(arrays.values()))
+        return Batch.from_mask(None, first.shape[0] if first.ndim else 1, 1)
 
     def _check_outputs(self, outputs):
         names = [s.name for s in self.outputs]
@@ -154,25 +176,23 @@ class Model:
             raise InputError(f"missing inputs {missing}")
         arrays = {}
         for name, value in feeds.items():
-            array = np.asarray(value)
-            if array.dtype == bool and name == "attention_mask":
-                array = array.astype(np.int64)
-            if array.dtype.kind not in "iu":
-                raise InputError(f"{name} must be an integer array, got dtype {array.dtype}"
-                                 + (" (float inputs, NaN included, are not accepted for ids and masks)"
-                                    if array.dtype.kind in "fc" else ""))
-            if array.ndim != 2:
-                raise InputError(f"{name} must have 2 dims (batch, seq), got shape {array.shape}")
-            arrays[name] = np.ascontiguousarray(array, dtype=np.int64)
-        shape = arrays["input_ids"].shape
-        if shape[0] == 0 or shape[1] == 0:
-            raise InputError(f"empty batch: input_ids has shape {shape}")
-        for name, array in arrays.items():
-            if array.shape != shape:
-                raise InputError(f"{name} has shape {array.shape}, but input_ids has {shape}")
-        mask = arrays.get("attention_mask")
-        if mask is not None and ((mask != 0) & (mask != 1)).any():
-            raise InputError("attention_mask must contain only 0 and 1")
+            if self._kinds[name] == "dense":
+                arrays[name] = _dense_feed(name, value, self._specs[name])
+            else:
+                arrays[name] = _id_feed(name, value)
+        if self._packed:
+            shape = arrays["input_ids"].shape
+            if shape[0] == 0 or shape[1] == 0:
+                raise InputError(f"empty batch: input_ids has shape {shape}")
+            for name, array in arrays.items():
+                if self._kinds[name] != "dense" and array.shape != shape:
+                    raise InputError(f"{name} has shape {array.shape}, but input_ids has {shape}")
+            mask = arrays.get("attention_mask")
+            if mask is not None and ((mask != 0) & (mask != 1)).any():
+                raise InputError("attention_mask must contain only 0 and 1")
+        _check_symbolic_dims(arrays, self._specs, self._kinds)
+        if self._tokens_input is not None and arrays[self._tokens_input].shape[0] == 0:
+            raise InputError(f"empty batch: {self._tokens_input} has shape {arrays[self._tokens_input].shape}")
         return arrays
 
     # -- text -----------------------------------------------------------------------------
@@ -203,7 +223,10 @@ class Model:
 
     # -- planning ------------------------------------------------------------------------
     def plan_memory(self, batch_size: int, seq_len: int) -> int:
-        """Peak bytes of activations for an unpadded (batch_size, seq_len) run, freeing at last use."""
+        """Peak bytes of activations for an unpadded (batch_size, seq_len) run, freeing at last use.
+
+        Dense values count when their shape is known ("batch" -> batch_size, other names -> seq_len);
+        values of unknown shape (most generic-op results) are not counted."""
         tokens, live, peak = batch_size * seq_len, {}, 0
         for name, vtype in self._types.items():
             if vtype.kind == IDS:
@@ -211,6 +234,9 @@ class Model:
         for index, (node, _) in enumerate(self._steps):
             for value in node.outputs:
                 vtype = self._types[value]
+                if vtype.kind == DENSE:
+                    live[value] = _dense_bytes(vtype, batch_size, seq_len)
+                    continue
                 rows = tokens if vtype.kind == TOKENS else batch_size
                 live[value] = rows * vtype.width * 4
             peak = max(peak, sum(live.values()))
@@ -221,6 +247,62 @@ class Model:
 
     def close(self) -> None:
         self._workers.close()
+
+
+def _id_feed(name, value) -> np.ndarray:
+    """A padded (B, S) integer array (ids or mask), as int64."""
+    array = np.asarray(value)
+    if array.dtype == bool and name == "attention_mask":
+        array = array.astype(np.int64)
+    if array.dtype.kind not in "iu":
+        raise InputError(f"{name} must be an integer array, got dtype {array.dtype}"
+                         + (" (float inputs, NaN included, are not accepted for ids and masks)"
+                            if array.dtype.kind in "fc" else ""))
+    if array.ndim != 2:
+        raise InputError(f"{name} must have 2 dims (batch, seq), got shape {array.shape}")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+_DTYPE_KINDS = {"float32": "f", "int64": "iu", "int32": "iu", "bool": "b"}
+
+
+def _dense_feed(name, value, spec) -> np.ndarray:
+    """An input passed on as fed: dtype kind and rank/fixed dims checked, cast to the declared dtype."""
+    array = np.asarray(value)
+    want = spec["dtype"]
+    if array.dtype.kind not in _DTYPE_KINDS[want]:
+        raise InputError(f"{name} must be a {want} array, got dtype {array.dtype}")
+    shape = spec["shape"]
+    if array.ndim != len(shape):
+        raise InputError(f"{name} must have {len(shape)} dims {shape}, got shape {array.shape}")
+    for axis, (dim, size) in enumerate(zip(shape, array.shape)):
+        if isinstance(dim, int) and dim != size:
+            raise InputError(f"{name} must have size {dim} on axis {axis} (shape {shape}), got shape {array.shape}")
+    if want == "int32" and array.size and (int(array.min()) < -2**31 or int(array.max()) >= 2**31):
+        raise InputError(f"{name} has values outside the int32 range")
+    return np.ascontiguousarray(array, dtype=np.dtype(want))
+
+
+def _check_symbolic_dims(arrays, specs, kinds) -> None:
+    """Equal dim names must have equal sizes within one run; 'batch' is shared by every input."""
+    sizes: dict[str, tuple[int, str]] = {}
+    for name, array in arrays.items():
+        dims = specs[name]["shape"] if kinds[name] == "dense" else ["batch", "seq"]
+        for dim, size in zip(dims, array.shape):
+            if not isinstance(dim, str):
+                continue
+            if dim in sizes and sizes[dim][0] != size:
+                raise InputError(f"dim {dim!r} is {size} in {name} but {sizes[dim][0]} in {sizes[dim][1]}")
+            sizes.setdefault(dim, (size, name))
+
+
+def _dense_bytes(vtype, batch_size: int, seq_len: int) -> int:
+    if vtype.shape is None:
+        return 0
+    count = 1
+    for dim in vtype.shape:
+        count *= dim if isinstance(dim, int) else (batch_size if dim == "batch" else seq_len)
+    return count * np.dtype(vtype.dtype).itemsize
 
 
 def _label(node) -> str:
