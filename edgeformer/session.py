@@ -323,5 +323,6 @@ def load(path, threads: int | None = None) -> Model:
         graph = Graph.from_json(model_file.graph)
     except json.JSONDecodeError as exc:  # pragma: no cover - read_model already decoded it
         raise ModelFileError(f"graph is not valid JSON: {exc}") from None
+    blas.import_cython_blas()
     blas.pin_blas_to_one_thread()
     return Model(model_file, graph, threads)
