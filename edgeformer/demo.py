@@ -31,15 +31,16 @@ def minilm_directory() -> Path:
 
 
 def converted_model(source: Path) -> Path:
-    """Convert ``source`` once into the cache (keyed by the weights' size and mtime) and return the file."""
-    from edgeformer._cache import base_cache_dir
+    """Convert ``source`` once into the cache and return the file. The key holds the weights' size and
+    mtime and the kernels' source hash, so a conversion made for an older weight layout is not reused."""
+    from edgeformer._cache import base_cache_dir, kernel_source_hash
 
     weights = source / "model.safetensors"
     stat = weights.stat()
     cache = base_cache_dir()
     if cache is None:
         raise EdgeformerError("no writable cache directory for the converted model (set EDGEFORMER_CACHE_DIR)")
-    target = cache / "models" / f"all-MiniLM-L6-v2-{stat.st_size}-{int(stat.st_mtime)}.edgeformer"
+    target = cache / "models" / f"all-MiniLM-L6-v2-{stat.st_size}-{int(stat.st_mtime)}-{kernel_source_hash()}.edgeformer"
     if target.is_file():
         return target
     converters = {e.name: e for e in importlib_metadata.entry_points(group="edgeformer.converters")}
