@@ -54,6 +54,10 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--atol", type=float, default=1e-4, help="max abs error accepted per output (default 1e-4)")
+    p.add_argument("--trace", action="store_true",
+                   help="always compare the intermediate tensors (default: only when an output exceeds --atol) "
+                        "and name the first diverging one")
     p.set_defaults(func=_check)
 
 
@@ -148,6 +152,7 @@ def _check(args) -> int:
     if args.feeds:
         with np.load(args.feeds, allow_pickle=False) as data:
             feeds = {k: data[k] for k in data.files}
-    errors = check_onnx(args.onnx, args.model, feeds, batch=args.batch, seq=args.seq, threads=args.threads)
-    worst = max((e["max_abs"] for e in errors.values()), default=0.0)
-    return 0 if worst <= 1e-4 else 1
+    errors = check_onnx(args.onnx, args.model, feeds, batch=args.batch, seq=args.seq, threads=args.threads,
+                        atol=args.atol, trace=True if args.trace else None)
+    worst = max((e["max_abs"] for k, e in errors.items() if k != "first_divergence"), default=0.0)
+    return 0 if worst <= args.atol and "first_divergence" not in errors else 1

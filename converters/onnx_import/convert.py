@@ -115,8 +115,32 @@ def build_graph(model, *, outputs: list[str] | None = None):
     used = {t for n in graph.nodes for t in n.weights.values()}
     tensors = {k: v for k, v in interp.tensors.items() if k in used}
     validate(graph, tensors, REGISTRY)
-    info = {"outputs": out_names, "inputs": {r: n for n, r in roles.items()}, "warnings": interp.warnings}
+    info = {"outputs": out_names, "inputs": {r: n for n, r in roles.items()}, "warnings": interp.warnings,
+            "trace": trace_map(interp, rename, {v for n in graph.nodes for v in n.outputs})}
     return graph, tensors, info
+
+
+def trace_map(interp, rename: dict, values: set) -> dict[str, str]:
+    """{edgeformer value: the ONNX tensor holding the same numbers} for `edgeformer check`'s divergence search.
+
+    An ONNX tensor qualifies when the interpreter holds it as a token tensor that was materialised as a whole
+    (row-wise function included: a layer norm, a GELU fused into its linear), or as a token tensor with no
+    pending function whose source was materialised: the source *is* that value (a linear fused with a residual
+    is a different source from the plain linear, so the pre-residual ONNX tensor does not map onto the fused
+    output). The first ONNX tensor in graph order wins (later ones are reshapes / identities of it)."""
+    trace: dict[str, str] = {}
+    for onnx_name, value in interp.values.items():
+        if not isinstance(value, Row):
+            continue
+        ours = getattr(value, "_value", None)
+        if ours is None and value.fn is None:
+            ours = value.src.value
+        if ours is None:
+            continue
+        ours = rename.get(ours, ours)
+        if ours in values and ours not in trace:
+            trace[ours] = onnx_name
+    return trace
 
 
 def convert_onnx(src_path, out_path, *, tokenizer_json: str | None = None, outputs: list[str] | None = None) -> Path:
@@ -133,7 +157,8 @@ def convert_onnx(src_path, out_path, *, tokenizer_json: str | None = None, outpu
     for message in info["warnings"][:3]:
         warnings.warn(message, stacklevel=2)
     metadata = {"source": "onnx", "onnx.file": src_path.name,
-                "onnx.outputs": json.dumps(info["outputs"]), "onnx.inputs": json.dumps(info["inputs"])}
+                "onnx.outputs": json.dumps(info["outputs"]), "onnx.inputs": json.dumps(info["inputs"]),
+                "onnx.trace": json.dumps(info.get("trace", {}))}
     max_len = max((t.shape[0] - n.attrs.get("position_offset", 0) for n in graph.nodes if n.op == "embedding"
                    for role, t in ((r, tensors[w]) for r, w in n.weights.items()) if role == "position"), default=None)
     if max_len:
