@@ -30,7 +30,10 @@ Loop order of ``lut_gather`` (bandwidth-bound: each token reads K random rows): 
 max(COL_TILE, OUT_TILE_FLOATS / tokens) outputs > token tiles of TOKEN_TILE rows > tables > tokens. The
 output tile (16 x 512 floats, 32 KiB; one token: up to 8192 columns) stays in L1 while the K tables are accumulated into it; the slice of table k that the tile's
 tokens gather from (R x 1 KiB) is in L2 for all tokens of the tile, and the slices of one column tile
-(K*R KiB) are reused from L3 by the following token tiles. Accumulation is in float32, in the order
+(K*R KiB) are reused from L3 by the following token tiles. A gathered row is a random place in a table of
+tens of MiB, so each one is a DRAM (and TLB) miss; the rows of table k + PREFETCH_TABLES are prefetched
+(llvm.prefetch, every 64-byte line of the tile's slice) while table k is accumulated, so that several
+misses are in flight instead of one at a time. Accumulation is in float32, in the order
 bias, table 0, 1, ..., K-1 (the NumPy reference sums in float64).
 """
 import numpy as np
@@ -39,6 +42,7 @@ from numba.core import types
 from numba.extending import intrinsic, overload
 
 from edgeformer.kernels._jit import kernel
+from edgeformer.kernels.gemm_f32 import _prefetch
 from edgeformer.kernels.mathfn import ACT_NONE, act_inplace, exp_f32
 
 WEIGHT_L1_PROB = 0  # official code: ||z||_1 * prod sigmoid(2|z|/t)
@@ -48,6 +52,7 @@ WEIGHT_MODES = {"code_l1_times_prob": WEIGHT_L1_PROB, "paper_prob": WEIGHT_PROB}
 TOKEN_TILE = 16  # tokens whose output rows stay in L1 while the K tables are accumulated
 COL_TILE = 256  # output columns per tile (1 KiB of a float32 table row), at least
 OUT_TILE_FLOATS = 8192  # output floats of one tile kept in L1 (32 KiB): fewer tokens -> wider tiles
+PREFETCH_TABLES = 4  # software prefetch of the rows gathered this many tables ahead (see lut_gather)
 
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
@@ -160,6 +165,9 @@ def lut_gather(codes, weights, tables, rows_per_table, scale, bias, residual, ac
     width = COL_TILE
     if tokens > 0 and OUT_TILE_FLOATS // tokens > width:
         width = OUT_TILE_FLOATS // tokens
+    n_cols = tables.shape[1]
+    line = 64 // tables.itemsize  # table elements per 64-byte cache line
+    flat = tables.reshape(-1)  # (K*R*N,)
     for cc0 in range(c0, c1, width):
         cc1 = min(cc0 + width, c1)
         for t0 in range(r0, r1, TOKEN_TILE):
@@ -177,6 +185,12 @@ def lut_gather(codes, weights, tables, rows_per_table, scale, bias, residual, ac
                         o[c] = _ZERO
             for k in range(num_tables):
                 base = k * rows_per_table
+                if k + PREFETCH_TABLES < num_tables:  # the rows this tile gathers PREFETCH_TABLES tables ahead
+                    nxt = base + PREFETCH_TABLES * rows_per_table
+                    for r in range(t0, t1):
+                        ahead = (nxt + codes[r, k + PREFETCH_TABLES]) * n_cols + cc0
+                        for q in range(0, cc1 - cc0, line):
+                            _prefetch(flat, ahead + q, 0)
                 for r in range(t0, t1):
                     row = base + codes[r, k]
                     w = weights[r, k]
