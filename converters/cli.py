@@ -37,6 +37,9 @@ def register(subparsers) -> None:
                         "max abs error) against it; save it as JSON to PATH (default OUTPUT.report.json). "
                         "Runs over the bundled corpus, or random ids when the model has no tokenizer")
     p.add_argument("--report-texts", metavar="FILE", help="--report over these texts (one per line)")
+    p.add_argument("--generic", action="store_true",
+                   help="ONNX sources: run the whole graph as generic ops (plain NumPy, any supported ONNX op) "
+                        "instead of fusing it into coarse ops; without it, generic ops are only the fallback")
     from converters import memoryformer  # noqa: F401  (registers model_type "memoryformer"; imports no torch)
     from converters.lut_fit import add_lut_arguments, lut_convert
 
@@ -84,6 +87,8 @@ def _convert(args) -> int:
     if args.report_texts and args.report is None:
         args.report = ""
     start = time.perf_counter()
+    if args.generic and src.is_dir():
+        raise EdgeformerError("--generic applies to ONNX sources only")
     if src.is_dir():
         from converters.hf import convert_hf_directory
 
@@ -97,7 +102,7 @@ def _convert(args) -> int:
             raise EdgeformerError("--quantize is not supported for ONNX sources yet; convert the checkpoint directory")
         from converters.onnx_import import convert_onnx
 
-        convert_onnx(src, out)
+        convert_onnx(src, out, generic=args.generic)
     else:
         raise EdgeformerError(f"{src} is neither a checkpoint directory nor an .onnx file")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from converters import bert  # noqa: F401  (registers the loaders)
+from converters import bert, vit  # noqa: F401  (registers the loaders)
 from converters.checkpoint import load_checkpoint
 from converters.registry import LOADERS
 from edgeformer.errors import EdgeformerError

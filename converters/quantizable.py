@@ -1,6 +1,6 @@
-"""Quantizable Transformers (Bondarenko et al. 2023; seed_algorithms §3) in PyTorch and in the BERT converter.
+"""Quantizable Transformers (Bondarenko et al. 2023; seed_algorithms §3) in PyTorch and in the BERT / ViT converters.
 
-The options live in a Hugging Face BERT config (config.json), under the official run_mlm.py flag names
+The options live in a Hugging Face BERT or ViT config (config.json), under the official run_mlm.py flag names
 (Qualcomm-AI-research/outlier-free-transformers), plus an explicit pair:
 
     attn_softmax     "vanilla" (default) or "clipped(GAMMA:ZETA)", e.g. "clipped(-.025:1)"
@@ -22,9 +22,13 @@ BertSelfAttentionWithExtras: ``<layer>.attention.self.{query,key,value}.*``, per
 ``...self.alpha.{i}.weight`` (1, dh) / ``alpha.{i}.bias`` (1,), all-heads ``alpha.weight`` (H, d) /
 ``alpha.bias`` (H,), unconditional ``alpha`` (H,).
 
-Runtime mapping (converters/bert.py calls ``bert_attention``): clipped softmax -> attention kind
+ViT checkpoints use the same names under ``<layer>.attention.attention`` (the official ViTSelfAttentionWithExtras;
+``patch_vit`` builds them from a transformers ViT model).
+
+Runtime mapping (converters/bert.py and converters/vit.py call ``bert_attention``): clipped softmax -> attention kind
 ``clipped_softmax`` (gamma, zeta); a conditional gate -> kind ``gated`` (gate "per_head" | "all_heads",
-softmax "softmax" | "clipped", gate_scale) whose second input is the layer input h (the Q/K/V linear's input);
+softmax "softmax" | "clipped", gate_scale) whose second input is the layer input (the Q/K/V linear's input: h
+in BERT, layernorm_before(h) in the pre-LN ViT);
 an unconditional gate sigmoid(alpha_h) is a constant per head, so it is folded into head h's rows of the
 value projection and the kind stays (clipped) softmax.
 
@@ -263,6 +267,46 @@ def _torch_modules():
                 module.self = new
         return model
 
+    class QuantizableViTAttention(nn.Module):
+        """A ViT layer's attention block (self-attention + output projection) with clipped softmax / gated
+        attention, under the classic parameter names the official code and transformers 4 use:
+        ``attention.{query,key,value,alpha}`` and ``output.dense``. A drop-in for transformers' ViTAttention
+        (4.x: ViTSelfAttention + ViTSelfOutput; 5.x: q_proj, k_proj, v_proj, o_proj in one module):
+        forward(hidden_states, ...) -> (output (B, N, d), probabilities (B, H, N, N)). ViT has no padding."""
+
+        def __init__(self, config):
+            super().__init__()
+            d = int(_get(config, "hidden_size"))
+            self.attention = QuantizableBertSelfAttention(config)
+            self.output = nn.Module()
+            self.output.dense = nn.Linear(d, d)
+
+        def forward(self, hidden_states, *args, **kwargs):
+            context, probs = self.attention(hidden_states)
+            return self.output.dense(context), probs
+
+    _VIT_V5_NAMES = {"q_proj.": "attention.query.", "k_proj.": "attention.key.", "v_proj.": "attention.value.",
+                     "o_proj.": "output.dense."}
+
+    def patch_vit(model):
+        """Replace every ViTAttention of a transformers ViT model (ViTModel, ViTForImageClassification) by
+        QuantizableViTAttention built from model.config, keeping the Q/K/V/O weights; returns the model."""
+        from transformers.models.vit.modeling_vit import ViTAttention
+
+        for module in list(model.modules()):
+            child = getattr(module, "attention", None)
+            if isinstance(child, ViTAttention):
+                new = QuantizableViTAttention(model.config)
+                state = {}
+                for key, value in child.state_dict().items():
+                    for old, classic in _VIT_V5_NAMES.items():
+                        if key.startswith(old):
+                            key = classic + key[len(old):]
+                    state[key] = value
+                new.load_state_dict(state, strict=False)
+                module.attention = new
+        return model
+
     class QuantizableBertClassifier(nn.Module):
         """A transformers BertModel (no pooler) with Quantizable-Transformers self-attention, masked mean
         pooling and a linear ``classifier``. config: a dict of BertConfig keys plus the options above and
@@ -292,10 +336,12 @@ def _torch_modules():
             return self.classifier(self.pooled(input_ids, attention_mask))
 
     return {"QuantizableBertSelfAttention": QuantizableBertSelfAttention, "patch_bert": patch_bert,
-            "QuantizableBertClassifier": QuantizableBertClassifier}
+            "QuantizableBertClassifier": QuantizableBertClassifier, "QuantizableViTAttention": QuantizableViTAttention,
+            "patch_vit": patch_vit}
 
 
-_TORCH_NAMES = ("QuantizableBertSelfAttention", "patch_bert", "QuantizableBertClassifier")
+_TORCH_NAMES = ("QuantizableBertSelfAttention", "patch_bert", "QuantizableBertClassifier", "QuantizableViTAttention",
+                "patch_vit")
 
 
 def __getattr__(name):

@@ -73,7 +73,8 @@ def cmd_inspect(args) -> int:
     counts: dict[str, int] = {}
     rows = []
     for node in graph.nodes:
-        label = node.op if node.op not in ("linear", "attention") else \
+        label = node.op if node.op not in ("linear", "attention", "onnx") else \
+            f"onnx[{node.attrs.get('op_type')}]" if node.op == "onnx" else \
             f"{node.op}[{node.attrs.get('format', node.attrs.get('kind', 'fp32' if node.op == 'linear' else 'softmax'))}]"
         counts[label] = counts.get(label, 0) + 1
         params = sum(int(model.tensors[t].size) for t in node.weights.values())
@@ -94,8 +95,11 @@ def cmd_inspect(args) -> int:
         return 0
     print(f"{graph.name}: {len(graph.nodes)} nodes, {total_params:,} parameters, {total_bytes / 2**20:.1f} MiB of weights")
     print("inputs:  " + ", ".join(f"{s.name}{list(s.shape)}{' (optional)' if s.optional else ''}" for s in model.inputs))
-    print("outputs: " + ", ".join(f"{s.name}{list(s.shape)}" for s in model.outputs))
+    print("outputs: " + ", ".join(f"{s.name}{list(s.shape) if s.shape is not None else '[?]'}" for s in model.outputs))
     print("ops:     " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
+    generic = sum(v for k, v in counts.items() if k.startswith("onnx["))
+    if generic:
+        print(f"generic: {generic} of {len(graph.nodes)} nodes are generic ONNX ops (plain NumPy, see docs/ARCHITECTURE.md)")
     print(f"planned peak activation memory at {batch}x{seq}: {model.plan_memory(batch, seq) / 2**20:.2f} MiB")
     if args.verbose:
         print(f"\n{'node':48} {'op':18} {'width':>6} {'params':>10} {'bytes':>11}")
@@ -118,6 +122,11 @@ def cmd_precompile(args) -> int:
 
 def warm_up(model) -> None:
     """Run every kernel once on a padded batch (the packed path) so Numba compiles or loads them."""
+    dense = [s for s in model.inputs if s.name not in ("input_ids", "attention_mask", "token_type_ids")]
+    if dense:  # e.g. ViT's pixel_values: zeros of the declared shape, symbolic dims of size 2
+        model.run({s.name: np.zeros([d if isinstance(d, int) else 2 for d in s.shape], dtype=s.dtype)
+                   for s in dense if not s.optional})
+        return
     ids = np.array([[1, 2, 3], [1, 2, 0]], dtype=np.int64)
     mask = np.array([[1, 1, 1], [1, 1, 0]], dtype=np.int64)
     feeds = {"input_ids": ids}

@@ -280,7 +280,7 @@ def _dense_feed(name, value, spec) -> np.ndarray:
             raise InputError(f"{name} must have size {dim} on axis {axis} (shape {shape}), got shape {array.shape}")
     if want == "int32" and array.size and (int(array.min()) < -2**31 or int(array.max()) >= 2**31):
         raise InputError(f"{name} has values outside the int32 range")
-    return np.ascontiguousarray(array, dtype=np.dtype(want))
+    return np.require(array, dtype=np.dtype(want), requirements="C")  # keeps 0-d (scalar) feeds 0-d
 
 
 def _check_symbolic_dims(arrays, specs, kinds) -> None:
@@ -310,6 +310,8 @@ def _label(node) -> str:
         return f"linear[{node.attrs.get('format', 'fp32')}]"
     if node.op == "attention":
         return f"attention[{node.attrs.get('kind', 'softmax')}]"
+    if node.op == "onnx":
+        return f"onnx[{node.attrs.get('op_type', '?')}]"
     return node.op
 
 

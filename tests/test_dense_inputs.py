@@ -94,3 +94,12 @@ def test_dense_ids_are_not_packed(tmp_path):
     out = model.run({"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64)})
     np.testing.assert_array_equal(out["input_ids"], ids)  # padded layout kept, widened to int64
     assert out["input_ids"].dtype == np.int64
+
+
+def test_scalar_dense_input_stays_scalar(tmp_path):
+    spec = {"name": "t", "dtype": "float32", "shape": []}
+    model = edgeformer.load(_write(tmp_path / "s.edgeformer", [spec], ["t"]), threads=1)
+    out = model.run({"t": np.float64(2.5)})["t"]
+    assert out.shape == () and out.dtype == np.float32 and float(out) == 2.5
+    with pytest.raises(InputError, match="0 dims"):
+        model.run({"t": np.zeros(1)})

@@ -151,6 +151,42 @@ def test_hf_bert_model_patched_converts(tmp_path):
         np.testing.assert_allclose(got[bi, :L], want[bi, :L], rtol=1e-4, atol=1e-4)
 
 
+VIT_OPTIONS = [({"attn_softmax": "clipped(-.05:1.02)"}, {("clipped_softmax", None)}),
+               ({"attn_gate_type": "conditional_per_token", "attn_gate_init": 0.25}, {("gated", None)}),
+               ({"attn_gate_type": "conditional_per_token", "attn_gate_linear_all_features": True,
+                 "clip_gamma": -0.03}, {("gated", "clipped")}),
+               ({"attn_gate_type": "unconditional_per_head"}, {("softmax", None)})]
+
+
+@pytest.mark.parametrize("options, kinds", VIT_OPTIONS, ids=["clipped", "gated", "gated-all-clipped", "uncond"])
+def test_hf_vit_model_patched_converts(tmp_path, options, kinds):
+    """A transformers ViTForImageClassification whose attention is replaced (patch_vit), saved with
+    save_pretrained, converted from the directory: the logits equal PyTorch's."""
+    import edgeformer
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from converters.hf import convert_hf_directory
+    from converters.quantizable import patch_vit
+
+    config = ViTConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=40,
+                       image_size=16, patch_size=4, num_channels=3, num_labels=5, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0, **options)
+    model = perturbed(patch_vit(ViTForImageClassification(config)), seed=11, std=0.1)
+    model.save_pretrained(tmp_path / "hf")
+    path = convert_hf_directory(tmp_path / "hf", tmp_path / "m.edgeformer")
+    pixels = np.random.default_rng(3).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        out = model(pixel_values=torch.from_numpy(pixels))
+    m = edgeformer.load(path, threads=1)
+    try:
+        got_kinds = {(n.attrs["kind"], n.attrs.get("softmax")) for n in m.graph.nodes if n.op == "attention"}
+        got = m.run({"pixel_values": pixels})
+    finally:
+        m.close()
+    assert got_kinds == kinds
+    np.testing.assert_allclose(got["logits"], out.logits.numpy(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"attn_softmax": "clipped(0.1:1)"}, "gamma <= 0"),
     ({"attn_softmax": "clipped(-0.1:0.9)"}, "zeta >= 1"),

@@ -11,33 +11,49 @@ from converters.onnx_import.loader import check_structure, initializers, load_on
 from converters.onnx_import.values import Bad, Row, Unsupported
 
 INT_TYPES = {6, 7}  # INT32, INT64
+FLOAT_INPUT_TYPES = {1}  # FLOAT: pixel inputs (ViT)
 _ALIASES = {"input_ids": ("input_ids", "input", "ids", "input.1", "input_ids:0"),
             "attention_mask": ("attention_mask", "mask", "input_mask", "attention_mask:0"),
-            "token_type_ids": ("token_type_ids", "segment_ids", "token_type", "token_type_ids:0")}
+            "token_type_ids": ("token_type_ids", "segment_ids", "token_type", "token_type_ids:0"),
+            "position_ids": ("position_ids", "position_ids:0")}  # Optimum GPT-2: taken to be arange(S) (interpret.py)
 
 
 def input_roles(model) -> dict[str, str]:
-    """ONNX graph input name -> role (input_ids / attention_mask / token_type_ids), with dtype checks."""
+    """ONNX graph input name -> role (input_ids / attention_mask / token_type_ids, or pixel_values), with dtype checks.
+
+    A float input of rank 4 is a ViT's pixel input (B, C, H, W), whatever its name, and must be the graph's only
+    input (the position table fixes the number of patches, so the converted model takes one image size)."""
     init_names = {t.name for t in model.graph.initializer}
     roles = {}
     for inp in model.graph.input:
         if inp.name in init_names:
             continue
-        role = next((r for r, names in _ALIASES.items() if inp.name.lower() in names), None)
+        elem = inp.type.tensor_type.elem_type
+        dims = inp.type.tensor_type.shape.dim
+        if elem in FLOAT_INPUT_TYPES and len(dims) == 4:
+            role = "pixel_values"  # symbolic C, H, W are inferred by the Interpreter (_pixel_input)
+        else:
+            role = next((r for r, names in _ALIASES.items() if inp.name.lower() in names), None)
         if role is None:
             raise OnnxFormatError(f"unsupported graph input {inp.name!r}; the importer knows {list(ROLES)} "
-                                  f"(also spelled {sorted({a for v in _ALIASES.values() for a in v})})")
+                                  f"(also spelled {sorted({a for v in _ALIASES.values() for a in v})}) and float "
+                                  f"(batch, channels, height, width) pixel inputs")
         if role in roles.values():
             raise OnnxFormatError(f"two graph inputs for {role}")
-        elem = inp.type.tensor_type.elem_type
+        if role == "pixel_values":
+            roles[inp.name] = role
+            continue
         if elem not in INT_TYPES and not (role == "attention_mask" and elem in (1, 9)):
             raise OnnxFormatError(f"graph input {inp.name!r} has element type {_type_name(elem)}; "
                                   f"{role} must be int64 or int32")
-        rank = len(inp.type.tensor_type.shape.dim)
+        rank = len(dims)
         if inp.type.tensor_type.HasField("shape") and rank != 2:
             raise OnnxFormatError(f"graph input {inp.name!r} has rank {rank}; expected (batch, sequence)")
         roles[inp.name] = role
-    if "input_ids" not in roles.values():
+    if "pixel_values" in roles.values():
+        if len(roles) > 1:
+            raise OnnxFormatError(f"a pixel input must be the graph's only input, got {sorted(roles)}")
+    elif "input_ids" not in roles.values():
         raise OnnxFormatError("the graph has no input_ids input")
     return roles
 
@@ -88,7 +104,9 @@ def build_graph(model, *, outputs: list[str] | None = None):
     # graph outputs: the one token output is last_hidden_state; graph values renamed accordingly
     rename, out_names = {}, {}
     for onnx_name, value in produced.items():
-        target = "last_hidden_state" if len(produced) == 1 or onnx_name == "last_hidden_state" else onnx_name
+        # the one token output is last_hidden_state, unless it is a (B, d) output or an LM head's logits
+        single = len(produced) == 1 and not interp.values[onnx_name].pooled and onnx_name != "logits"
+        target = "last_hidden_state" if single or onnx_name == "last_hidden_state" else onnx_name
         target = target if target not in rename.values() else f"{target}_{len(rename)}"
         if value in rename:  # the same value output twice: the runtime needs one name per value
             raise UnsupportedOnnxError({("", "output", 0): [(onnx_name, "output duplicates another output")]})
@@ -105,10 +123,13 @@ def build_graph(model, *, outputs: list[str] | None = None):
             kept.append(node)
             needed.update(node.inputs)
     b.nodes = kept[::-1]
-    b.input("input_ids")
-    b.input("attention_mask", optional=True)
-    if "token_type_ids" in needed:
-        b.input("token_type_ids", optional=True)
+    if interp.pixels is not None:  # ViT: dense float32 pixels
+        interp.declare_pixel_input(b)
+    else:
+        b.input("input_ids")
+        b.input("attention_mask", optional=True)
+        if "token_type_ids" in needed:
+            b.input("token_type_ids", optional=True)
     for name in out_names:
         b.output(name)
     graph = b.build()
@@ -143,17 +164,20 @@ def trace_map(interp, rename: dict, values: set) -> dict[str, str]:
     return trace
 
 
-def convert_onnx(src_path, out_path, *, tokenizer_json: str | None = None, outputs: list[str] | None = None) -> Path:
+def convert_onnx(src_path, out_path, *, tokenizer_json: str | None = None, outputs: list[str] | None = None,
+                 generic: bool = False) -> Path:
     """Convert a BERT-family or GPT-2 ONNX export (plain or ORT-optimized) into an edgeformer model file.
 
-    Raises OnnxFormatError for malformed files and UnsupportedOnnxError (listing every node that could not be
-    fused, grouped by (domain, op_type, opset)) for graphs outside the supported patterns.
+    Graphs (or outputs) the coarse ops cannot express run as generic ops (converters/onnx_import/generic.py);
+    ``generic=True`` forces that path. Raises OnnxFormatError for malformed files and UnsupportedOnnxError
+    (listing every node the runtime cannot run, grouped by (domain, op_type, opset)).
     """
+    from converters.onnx_import.generic import build_with_fallback
     from edgeformer.format import write_model
 
     src_path, out_path = Path(src_path), Path(out_path)
     model = load_onnx(src_path)
-    graph, tensors, info = build_graph(model, outputs=outputs)
+    graph, tensors, info = build_with_fallback(model, build_graph, outputs=outputs, generic=generic)
     for message in info["warnings"][:3]:
         warnings.warn(message, stacklevel=2)
     metadata = {"source": "onnx", "onnx.file": src_path.name,

@@ -24,18 +24,21 @@ import re
 
 import numpy as np
 
+from converters.onnx_import.errors import OnnxFormatError
 from converters.onnx_import.evaluate import EvalError, NodeEvaluator, _ln, gelu, gelu_tanh
-from converters.onnx_import.values import (Bad, Const, Dyn, EmbSrc, Env, Heads, LinearSrc, Probs, ProbsNaN, Row,
-                                           Scores, Src, SumSrc, Unsupported, Value, ValueSrc)
+from converters.onnx_import.values import (Bad, Const, Dyn, EmbSrc, Env, Heads, LinearSrc, Patches, PatchSrc,
+                                           PoolSrc, Probs, ProbsNaN, Row, Scores, Src, SumSrc, Unsupported, Value,
+                                           ValueSrc)
 
-ROLES = ("input_ids", "attention_mask", "token_type_ids")
+ROLES = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
 
 ROW_LOCAL = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Erf", "Tanh", "Reciprocal", "Neg", "Relu", "Sigmoid", "Exp",
              "Abs", "Cast", "Identity", "Dropout", "ReduceMean", "LayerNormalization", "Gelu", "Max", "Min", "Clip",
              "BiasGelu", "FastGelu", "Softplus", "HardSigmoid"}
 FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
-ACTIVATIONS = {"gelu": gelu, "gelu_tanh": gelu_tanh, "relu": lambda x: np.maximum(x, 0.0)}
+ACTIVATIONS = {"gelu": gelu, "gelu_tanh": gelu_tanh, "relu": lambda x: np.maximum(x, 0.0), "tanh": np.tanh}
+EPILOGUE_ACTIVATIONS = ("gelu", "gelu_tanh", "relu")  # fused into a linear; others (tanh) are activation nodes
 
 
 def _attr(node, name, default=None):
@@ -87,8 +90,17 @@ class Interpreter:
         for name, role in self.role_of_input.items():
             self.values[name] = Dyn(lambda env, r=role: env.inputs[r], label=role)
         rng = np.random.default_rng(1234)
-        self.probe_envs = [self._env(2, 5, [5, 5], rng), self._env(3, 8, [8, 8, 8], rng)]
-        self.mask_env = self._env(3, 6, [6, 3, 1], rng)
+        self.pixels = self._pixel_input(model, consts)  # ViT: (C, H, W) of the pixel input, else None
+        if self.pixels is None:
+            self.probe_envs = [self._env(2, 5, [5, 5], rng), self._env(3, 8, [8, 8, 8], rng)]
+            self.mask_env = self._env(3, 6, [6, 3, 1], rng)
+        else:  # random images; S (tokens per image) is set once the patch embedding is recognised
+            self.probe_envs = [self._pixel_env(b, rng) for b in (2, 3)]
+            self.mask_env = self._pixel_env(3, rng)
+        self.vision_tokens = None  # ViT: tokens per image of the patch embedding (the graph input's tokens_per_item)
+        if "position_ids" in self.input_of_role:
+            self.warnings.append("the position_ids input is taken to be arange(S), the index in the padded row: exact "
+                                 "for right padding, not for left padding with optimum's cumsum(mask) - 1 positions")
 
     # ---- probe feeds ------------------------------------------------------------------------
     @staticmethod
@@ -99,7 +111,12 @@ class Interpreter:
         ids = rng.integers(1000, 30000, size=(batch, seq), dtype=np.int64)  # far from special ids (pad, cls)
         types = rng.integers(0, 2, size=(batch, seq), dtype=np.int64)
         types[0, :2] = [0, 1]
-        return Env(batch, seq, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+        # Optimum's GPT-2 exports take position_ids: the runtime numbers positions by index in the padded row, so
+        # the graph is probed (and converted) with position_ids = arange(S) (HF's default; equal to optimum's
+        # cumsum(mask) - 1 on the valid tokens of right-padded rows)
+        positions = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+        return Env(batch, seq, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+                                "position_ids": positions})
 
     # ---- bookkeeping ------------------------------------------------------------------------
     def key(self, node):
@@ -169,6 +186,9 @@ class Interpreter:
             row = self.embedding_gather(node, ins[0].array, ins[1])
             if row is not None:
                 return row
+        if op == "Conv" and self.pixels is not None and ins and isinstance(ins[0], Dyn) \
+                and ins[0].label == "pixel_values":
+            return self.patch_conv(node, ins)
         if all(isinstance(v, (Const, Dyn)) for v in present):
             return self.dyn_node(node, ins)
         if op == "Shape":
@@ -199,9 +219,12 @@ class Interpreter:
         start, end = _attr(node, "start", 0), _attr(node, "end", None)
 
         def dims(env):
-            if isinstance(x, Row):
-                shape = (env.batch * env.seq, x.width) if x.flat else (env.batch, env.seq, x.width)
-            elif isinstance(x, Heads):
+            if isinstance(x, Row) and x.pooled:
+                shape = (env.batch, x.width)
+            elif isinstance(x, Row):
+                seq = x.src.tokens if isinstance(x.src, PatchSrc) else env.seq
+                shape = (env.batch * seq, x.width) if x.flat else (env.batch, seq, x.width)
+            elif isinstance(x, (Heads, Patches)):
                 shape = x.dims(env)
             elif isinstance(x, (Scores, Probs, ProbsNaN)):
                 q = self._scores_of(x).q
@@ -440,7 +463,7 @@ class Interpreter:
             raise Unsupported([], f"{node.op_type}: expected a token tensor, got {type(v).__name__}")
         if v.fn is None:
             return v
-        return Row(ValueSrc(self.materialize_row(v), v.width), nodes=v.nodes, flat=v.flat)
+        return Row(ValueSrc(self.materialize_row(v), v.width, pooled=v.pooled), nodes=v.nodes, flat=v.flat)
 
     def op_Identity(self, node, ins):
         return ins[0]
@@ -479,7 +502,11 @@ class Interpreter:
         a, b = ins
         if isinstance(b, Row) and not isinstance(a, Row):
             a, b = b, a
+        if isinstance(a, Row) and isinstance(a.src, PatchSrc) and a.fn is None and isinstance(b, Const):
+            return self.patch_add(node, a, b.array)
         if isinstance(a, Row) and isinstance(b, Row):
+            if a.pooled != b.pooled:
+                raise Unsupported([], "Add of a token tensor and a pooled (one row per item) tensor")
             if a.fn is None and b.fn is None and isinstance(a.src, EmbSrc) and isinstance(b.src, EmbSrc) \
                     and a.src is not b.src:
                 if set(a.src.slots) & set(b.src.slots) - {"const"} or a.width != b.width:
@@ -587,6 +614,13 @@ class Interpreter:
 
     def op_Reshape(self, node, ins):
         x, target = ins
+        if isinstance(x, Patches):
+            return self.patch_regroup(node, x, self._regroup(x, self._resolve_shape(node, target, x.dims)))
+        if isinstance(x, Row) and x.pooled:
+            shapes = self._resolve_shape(node, target, lambda env: (env.batch, x.width))
+            if all(t == [env.batch, x.width] for env, t in shapes):
+                return x
+            raise Unsupported([], f"Reshape of a pooled (B, width) tensor to {[t for _, t in shapes]}")
         if isinstance(x, Row):
             row = self.as_plain(x, node)
             shapes = self._resolve_shape(node, target, lambda env: (env.batch * env.seq, row.width) if row.flat
@@ -709,6 +743,11 @@ class Interpreter:
 
     def op_Transpose(self, node, ins):
         x = ins[0]
+        if isinstance(x, Patches):
+            perm = _attr(node, "perm", list(range(len(x.order) - 1, -1, -1)))
+            if sorted(perm) != list(range(len(x.order))):
+                raise Unsupported([], f"Transpose of patches {x.order} by {list(perm)}")
+            return self.patch_regroup(node, x, tuple(x.order[p] for p in perm))
         if isinstance(x, Heads):
             perm = _attr(node, "perm", list(range(len(x.order) - 1, -1, -1)))
             if sorted(perm) != list(range(len(x.order))):
@@ -746,7 +785,7 @@ class Interpreter:
         qkv = LinearSrc(xq, w, b, name=(lq.name or "attention") + ".qkv")
         qkv_value = self.materialize_src(qkv)
         scale = scores.scale * q.scale * k.scale
-        if not scores.masked and not scores.causal:
+        if not scores.masked and not scores.causal and self.pixels is None:  # images have no padding
             self.warnings.append(f"attention at {node.name!r} applies no padding mask in the ONNX graph; edgeformer "
                                  "always attends to the valid tokens only (same result without padding)")
         attrs = {"kind": "softmax", "num_heads": q.heads, "head_dim": q.head_dim, "scale": float(scale)}
@@ -759,6 +798,169 @@ class Interpreter:
     @staticmethod
     def _same_row(a: Row, b: Row) -> bool:
         return a is b or (a.src is b.src and a.fn is None and b.fn is None)
+
+    # ---- ViT ------------------------------------------------------------------------------------
+    # pixel_values is a Dyn (its Shape subgraphs fold on random probe images); its one Conv with kernel = stride
+    # becomes Patches (B, d, Hp, Wp), regrouped by Reshape / Transpose into the token Row (B, Hp*Wp, d) of a
+    # PatchSrc; a Concat of a constant row in front adds the class token, an Add of a constant (P', d) table the
+    # positions. Gather of token 0 along the sequence axis gives a pooled Row (B, d) (classifier, pooler).
+    def _pixel_input(self, model, consts):
+        """(C, H, W) of the graph's pixel input (the pixel_values role), or None for text models.
+
+        Symbolic dims (Optimum declares (batch_size, num_channels, height, width)) are inferred: C from the kernel
+        of the Conv reading the pixels; H, W from the position table (1, P', d) — the one dim given, or a square
+        grid of patches (as HF ViT's own position interpolation assumes). The converted model then takes images
+        of exactly that size."""
+        name = next((n for n, r in self.role_of_input.items() if r == "pixel_values"), None)
+        if name is None:
+            return None
+        spec = next(i for i in model.graph.input if i.name == name)
+        fixed = [int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
+                 for d in spec.type.tensor_type.shape.dim[1:]]
+        if None not in fixed:
+            return tuple(fixed)
+        conv = next((n for n in model.graph.node if n.op_type == "Conv" and n.input and n.input[0] == name), None)
+        kernel = consts.get(conv.input[1]) if conv is not None and len(conv.input) > 1 else None
+        if kernel is None or kernel.ndim != 4:
+            raise OnnxFormatError(f"pixel input {name!r} has symbolic dims {fixed} and no constant patch Conv reads "
+                                  f"it; export with a fixed image size")
+        d, channels, ph, pw = (int(v) for v in kernel.shape)
+        c, height, width = fixed
+        tables = {a.shape[1] for a in consts.values() if a.ndim == 3 and a.shape[0] == 1 and a.shape[2] == d
+                  and a.shape[1] >= 2 and a.dtype.kind == "f"}  # (1, P', d) position tables
+        has_cls = any(a.shape == (1, 1, d) and a.dtype.kind == "f" for a in consts.values())
+        grid = None
+        if len(tables) == 1:
+            patches = tables.pop() - has_cls
+            if height is not None and height >= ph and patches % (height // ph) == 0:
+                grid = (height // ph, patches // (height // ph))
+            elif width is not None and width >= pw and patches % (width // pw) == 0:
+                grid = (patches // (width // pw), width // pw)
+            elif height is None and width is None and math.isqrt(patches) ** 2 == patches:
+                grid = (math.isqrt(patches),) * 2
+        if grid is None:
+            raise OnnxFormatError(f"pixel input {name!r} has symbolic dims {fixed}: the image size cannot be "
+                                  f"inferred from the patch Conv and the position table; export with a fixed size")
+        size = (c or channels, height or grid[0] * ph, width or grid[1] * pw)
+        self.warnings.append(f"pixel input {name!r} declares dims {fixed}; the converted model takes images of "
+                             f"{list(size)} ({grid[0]}x{grid[1]} patches of {ph}x{pw})")
+        return size
+
+    def _pixel_env(self, batch, rng) -> Env:
+        images = rng.standard_normal((batch,) + self.pixels).astype(np.float32)  # (B, C, H, W)
+        return Env(batch, None, {"pixel_values": images})
+
+    def _set_tokens(self, tokens: int) -> None:
+        """Tokens per image, once known: the probes' S, and an all-valid mask for verify_mask (no padding)."""
+        for env in self.probe_envs + [self.mask_env]:
+            env.seq = tokens
+            env.inputs["attention_mask"] = np.ones((env.batch, tokens), dtype=np.int64)
+            env.cache.clear()
+
+    def patch_conv(self, node, ins):
+        """Conv(pixels, W (d, C, ph, pw), b) with stride = kernel, no padding / dilation / groups -> Patches."""
+        w = ins[1]
+        b = ins[2] if len(ins) > 2 else None
+        if not isinstance(w, Const) or w.array.ndim != 4 or w.array.dtype.kind != "f" or \
+                (b is not None and not (isinstance(b, Const) and b.array.size == w.array.shape[0])):
+            raise Unsupported([], "Conv of the pixel input by a non-constant or non-2-D kernel")
+        d, channels, ph, pw = (int(v) for v in w.array.shape)
+        kernel = [int(v) for v in _attr(node, "kernel_shape", [ph, pw])]
+        strides = [int(v) for v in _attr(node, "strides", [1, 1])]
+        pads = [int(v) for v in _attr(node, "pads", [0, 0, 0, 0])]
+        dilations = [int(v) for v in _attr(node, "dilations", [1, 1])]
+        auto_pad = _attr(node, "auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if kernel != [ph, pw] or strides != kernel or any(pads) or dilations != [1, 1] or \
+                _attr(node, "group", 1) != 1 or auto_pad not in ("NOTSET", "VALID"):
+            raise Unsupported([], f"Conv of the pixel input with kernel {kernel}, strides {strides}, pads {pads}, "
+                                  f"dilations {dilations}, auto_pad {auto_pad} (only patch embeddings: stride = "
+                                  f"kernel, no padding, dilation or groups)")
+        c, height, width = self.pixels
+        if channels != c or height < ph or width < pw:
+            raise Unsupported([], f"Conv kernel {list(w.array.shape)} does not fit the pixel input {list(self.pixels)}")
+        bias = None if b is None else np.ascontiguousarray(b.array.reshape(-1), np.float32)
+        src = PatchSrc(np.ascontiguousarray(w.array, np.float32), bias, (height // ph, width // pw),
+                       nodes=[self.key(node)])
+        return Patches(src, nodes=[self.key(node)])
+
+    def patch_regroup(self, node, x: Patches, order):
+        """Patches with a new axis order; the token Row once it reads (B, Hp*Wp, d)."""
+        if order is None:
+            raise Unsupported([], f"{node.op_type} of patches {x.order} to other than (batch, channels, patches) "
+                                  f"/ (batch, patches, channels)")
+        if tuple(order) == ("B", "YX", "C"):
+            self._set_tokens(x.src.tokens)
+            return Row(x.src, nodes=x.nodes + [self.key(node)])
+        return Patches(x.src, order, x.nodes + [self.key(node)])
+
+    def op_Concat(self, node, ins):
+        """ViT: Concat([cls (B, 1, d) identical rows, patch tokens], axis=1) -> the class token in front."""
+        if len(ins) != 2 or not isinstance(ins[1], Row) or not isinstance(ins[1].src, PatchSrc):
+            return None
+        row, cls = ins[1], ins[0]
+        if _attr(node, "axis") not in (1, -2) or row.fn is not None or row.src.cls is not None \
+                or row.src.position is not None or not isinstance(cls, (Const, Dyn)):
+            raise Unsupported([], "Concat of patch tokens other than one class token in front")
+        first = None
+        for env in self.probe_envs:
+            a = np.asarray(self.value_of(cls, env), dtype=np.float64)
+            if a.ndim != 3 or a.shape[1:] != (1, row.width) or a.shape[0] not in (1, env.batch) or \
+                    not np.all(a == a[:1]) or (first is not None and not np.array_equal(a[0, 0], first)):
+                raise Unsupported([], f"Concat of patch tokens with a {list(a.shape)} tensor that is not one constant "
+                                      f"class token per image")
+            first = a[0, 0]
+        src = row.src.replace(cls=first.astype(np.float32), nodes=row.src.nodes + [self.key(node)])
+        self._set_tokens(src.tokens)
+        return Row(src, nodes=row.nodes + [self.key(node)])
+
+    def patch_add(self, node, row: Row, c):
+        """Patch tokens + a constant: a (P', d) position table, or a per-channel vector, folded into the positions."""
+        tokens, d = row.src.tokens, row.width
+        c = np.asarray(c)
+        while c.ndim > 2 and c.shape[0] == 1:
+            c = c[0]
+        try:
+            if c.dtype.kind != "f" or c.ndim > 2:
+                raise ValueError
+            table = np.broadcast_to(c.astype(np.float32), (tokens, d))  # (P', d)
+        except ValueError:
+            raise Unsupported([], f"Add of a {list(np.shape(c))} constant to {tokens} patch tokens of width {d}") \
+                from None
+        position = table if row.src.position is None else row.src.position + table
+        src = row.src.replace(position=np.ascontiguousarray(position), nodes=row.src.nodes + [self.key(node)])
+        return Row(src, nodes=row.nodes + [self.key(node)])
+
+    def op_Gather(self, node, ins):
+        """ViT: hidden[:, 0] (Gather of index 0 along the sequence axis) -> one row per image (the CLS token)."""
+        x, index = ins
+        if not isinstance(x, Row) or self.pixels is None:
+            return None
+        if x.flat or x.pooled or _attr(node, "axis", 0) not in (1, -2) or not isinstance(index, Const) \
+                or index.array.size != 1 or index.array.ndim != 0 or int(index.array) != 0:
+            raise Unsupported([], "Gather from token tensors other than the first token (hidden[:, 0])")
+        src = PoolSrc(self.as_plain(x, node), nodes=[self.key(node)])
+        return Row(src, nodes=x.nodes + [self.key(node)])
+
+    def emit_patch_embedding(self, src: PatchSrc) -> str:
+        from converters.bert import packed_linear
+
+        d, c, ph, pw = src.kernel.shape
+        name = self.unique(src.nodes[0][0] if src.nodes else "patch_embedding")
+        weights, attrs = self._packed(packed_linear, name, src.kernel.reshape(d, c * ph * pw), src.bias)
+        if src.cls is not None:
+            weights["cls"] = self.store(f"{name}.cls", src.cls)
+        if src.position is not None:
+            weights["position"] = self.store(f"{name}.position", src.position)
+        attrs["patch_size"] = [int(ph), int(pw)]
+        self.vision_tokens = src.tokens
+        self.used_roles.add("pixel_values")
+        return self.builder.add("patch_embedding", name, ["pixel_values"], weights, attrs)
+
+    def declare_pixel_input(self, builder) -> None:
+        """The graph input of a ViT: dense float32 (batch, C, H, W), tokens_per_item from the patch embedding."""
+        builder.input("pixel_values", dtype="float32", shape=("batch",) + self.pixels, kind="dense",
+                      tokens_per_item=self.vision_tokens)
 
     # ---- ORT contrib ops ------------------------------------------------------------------------
     def _row_fn(self, node, x: Row, fn, width=None):
@@ -952,7 +1154,7 @@ class Interpreter:
             if kind[0] == "identity":
                 value = self.materialize_src(src)
             elif kind[0] == "act":
-                if isinstance(src, LinearSrc) and src.plain:
+                if isinstance(src, LinearSrc) and src.plain and kind[1] in EPILOGUE_ACTIVATIONS:
                     value = self.materialize_src(src.replace(act=kind[1]))
                 else:
                     value = self.builder.add("activation", self.unique(label), [self.materialize_src(src)],
@@ -1001,6 +1203,11 @@ class Interpreter:
             src.value = self.materialize_src(fused)
         elif isinstance(src, EmbSrc):
             src.value = self.emit_embedding(src)
+        elif isinstance(src, PatchSrc):
+            src.value = self.emit_patch_embedding(src)
+        elif isinstance(src, PoolSrc):
+            src.value = self.builder.add("pool", self.unique(src.nodes[-1][0] if src.nodes else "pool_cls"),
+                                         [self.materialize_row(src.x)], attrs={"mode": "cls"})
         else:
             raise Unsupported([], f"cannot materialize {type(src).__name__}")
         return src.value

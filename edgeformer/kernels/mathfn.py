@@ -31,8 +31,9 @@ ACT_NONE = 0
 ACT_RELU = 1
 ACT_GELU_ERF = 2
 ACT_GELU_TANH = 3
+ACT_TANH = 4  # the ViT / BERT pooler's activation (activation op only; not a linear epilogue format)
 ACT_CODES = {"none": ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU_ERF, "gelu_erf": ACT_GELU_ERF,
-             "gelu_tanh": ACT_GELU_TANH}
+             "gelu_tanh": ACT_GELU_TANH, "tanh": ACT_TANH}
 
 _f = np.float32
 
@@ -268,6 +269,8 @@ def apply_act(v, act):
         return gelu_erf(v)
     if act == ACT_GELU_TANH:
         return gelu_tanh(v)
+    if act == ACT_TANH:
+        return tanh_f32(v)
     return v
 
 
@@ -284,3 +287,6 @@ def act_inplace(v, act):
     elif act == ACT_GELU_TANH:
         for j in range(n):
             v[j] = gelu_tanh(v[j])
+    elif act == ACT_TANH:
+        for j in range(n):
+            v[j] = tanh_f32(v[j])
