@@ -81,3 +81,15 @@ def test_cli_check_exits_1_and_names_the_tensor(converted, tmp_path, capsys):
     victim = _corrupt(model_path, tmp_path / "bad.edgeformer", lambda n: n["op"] == "linear")
     assert main(["check", str(onnx_path), "--model", str(tmp_path / "bad.edgeformer")]) == 1
     assert f"(node {victim['name']!r}" in capsys.readouterr().out
+
+
+def test_check_feeds_position_ids_to_optimum_gpt2():
+    """Optimum's GPT-2 exports take position_ids; check feeds the positions the conversion assumes."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "optimum" / "gpt2.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = check_onnx(path, None, batch=3, seq=12, verbose=False, trace=True)
+    assert "first_divergence" not in report
+    assert all(r["max_abs"] <= 1e-4 for r in report.values())

@@ -104,6 +104,10 @@ def check_onnx(onnx_path, model_path=None, feeds: dict | None = None, *, batch: 
         if feeds is None:
             feeds = _random_feeds_for(model, batch, seq, seed)
         feeds = {k: np.asarray(v) for k, v in feeds.items()}
+        if "position_ids" in in_map and "position_ids" not in feeds and "input_ids" in feeds:
+            # Optimum's GPT-2 exports take positions; the conversion assumes the index in the padded row
+            ids = feeds["input_ids"]
+            feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
         onnx_feeds = {in_map[r]: feeds[r] for r in in_map if r in feeds and in_map[r] in names}
         missing = [n for n in names if n not in onnx_feeds]
         if missing:
