@@ -36,20 +36,13 @@ def export_bert(path: Path, hidden: int, heads: int, layers: int, ffn: int, voca
     import torch
     import transformers as tf
 
+    from converters.baselines import _Wrapper  # keyword-argument wrapper for transformers 5
+
     torch.manual_seed(0)
     config = tf.BertConfig(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers,
                            intermediate_size=ffn, vocab_size=vocab, max_position_embeddings=512)
     config._attn_implementation = "eager"
     net = tf.BertModel(config, add_pooling_layer=False).eval()
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.net(input_ids=input_ids, attention_mask=attention_mask,
-                            token_type_ids=token_type_ids).last_hidden_state
 
     ids = torch.full((2, 7), 5, dtype=torch.long)
     mask = torch.ones_like(ids)
@@ -57,7 +50,7 @@ def export_bert(path: Path, hidden: int, heads: int, layers: int, ffn: int, voca
     names = ["input_ids", "attention_mask", "token_type_ids"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Wrapper(), (ids, mask, torch.zeros_like(ids)), str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(_Wrapper(net), (ids, mask, torch.zeros_like(ids)), str(path), dynamo=False, opset_version=17,
                           input_names=names, output_names=["last_hidden_state"],
                           dynamic_axes={n: {0: "batch", 1: "seq"} for n in names + ["last_hidden_state"]})
     return path
