@@ -151,8 +151,8 @@ class Model:
         if self._tokens_input is not None:
             items = arrays[self._tokens_input].shape[0]
             return Batch.from_mask(None, items, self._specs[self._tokens_input]["tokens_per_item"])
-        first = next(iter(arrays.values()))
-        return Batch.from_mask(None, first.shape[0] if first.ndim else 1, 1)
+        first = next(iter(arrays.values()), None)  # None: only optional inputs, none fed
+        return Batch.from_mask(None, first.shape[0] if first is not None and first.ndim else 1, 1)
 
     def _check_outputs(self, outputs):
         names = [s.name for s in self.outputs]

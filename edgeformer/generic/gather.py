@@ -34,12 +34,6 @@ def _run_gather(inputs, params):
 register("Gather", _check_gather, _run_gather, inputs=(2, 2), attributes=("axis",))
 
 
-def _check_gather_elements(spec):
-    dtype = spec.dtype(0, ANY)
-    spec.dtype(1, INDEX)
-    return {"axis": spec.axis(spec.int("axis", 0), spec.rank(0))}, [dtype]
-
-
 def _run_gather_elements(inputs, params):
     """out[i][j][k] = data[index[i][j][k]][j][k] (axis 0); index has data's rank and no larger dims elsewhere."""
     data, indices = inputs
@@ -53,4 +47,4 @@ def _run_gather_elements(inputs, params):
     return [data[tuple(grid)]]
 
 
-register("GatherElements", _check_gather_elements, _run_gather_elements, inputs=(2, 2), attributes=("axis",))
+register("GatherElements", _check_gather, _run_gather_elements, inputs=(2, 2), attributes=("axis",))
