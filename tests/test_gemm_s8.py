@@ -310,6 +310,25 @@ def test_float_epilogue(path, act, m, k, n, seed, use_bias, use_res, asym):
         np.testing.assert_array_equal(out, want)  # the same float32 operations in the same order
 
 
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("act", [ACT_NONE, ACT_RELU])
+def test_float_epilogue_several_row_chunks(path, act):
+    """Wide outputs make the driver split the rows into chunks (_OUT_BUDGET): every chunk gets the fused
+    store, the edge panel group (n % 16 != 0) and the activation / residual pass."""
+    m, k, n = 75, 36, 1571
+    assert g._OUT_BUDGET // (4 * n) < m  # more than one chunk
+    rng, wq, wp, cs = make(m, k, n, 7)
+    x = rng.standard_normal((m, k)).astype(F32)
+    aq, sa, zp = np.empty((m, wp.shape[1] * 4), np.uint8), np.empty(m, F32), np.empty(m, np.int32)
+    g.quantize_rows(x, 1, aq, sa, zp, 0, m)
+    ws = (rng.random(n) * 0.02 + 1e-3).astype(F32)
+    bias = rng.standard_normal(n).astype(F32)
+    res = rng.standard_normal((m, n)).astype(F32)
+    out = np.full((m, n), SENTINEL_F, F32)
+    g.linear_s8(path)(aq, sa, zp, wp, cs, ws, n, bias, res, act, out, NO_RAW, 0, m, 0, wp.shape[0])
+    np.testing.assert_array_equal(out, epilogue_ref(acc_ref(aq, zp, wq), sa, ws, bias, res, act))
+
+
 # ---- path selection ----------------------------------------------------------------------------------
 
 def test_vnni_not_selected_without_the_feature(monkeypatch):
@@ -387,6 +406,29 @@ def test_arm_path_selection_and_instructions(cpu, dotprod):
         assert "sdot" in words
     else:
         assert not words & {"sdot", "udot", "usdot", "sudot"}
+
+
+def _x86_words(asm):
+    return {ln.split()[0] for ln in asm.splitlines() if ln.strip() and not ln.strip().startswith((".", "#"))}
+
+
+@pytest.mark.parametrize("path, triple, cpu, needed", [
+    (g.PATH_VNNI, "x86_64-unknown-linux-gnu", "znver4", {"vpdpbusd", "vcvtdq2ps", "vmulps", "vaddps"}),
+    (g.PATH_VNNI, "x86_64-unknown-linux-gnu", "icelake-server", {"vpdpbusd", "vcvtdq2ps"}),
+    (g.PATH_PAIRS, "x86_64-unknown-linux-gnu", "haswell", {"vpmaddwd", "vcvtdq2ps"}),
+    pytest.param(g.PATH_SDOT, "aarch64-unknown-linux-gnu", "cortex-a76", {"sdot", "scvtf", "fmul", "fadd"},
+                 marks=pytest.mark.skipif(not _aarch64_target_available(), reason="no AArch64 target in llvmlite")),
+])
+def test_fused_store_compiles_for_every_path(path, triple, cpu, needed):
+    """The scaled-float store (`_micro_s8_f32`) is the same IR for every path; paths this host cannot run are
+    at least compiled for a CPU that has them (nothing runs). The exact results are tested on the paths the
+    host runs (test_float_epilogue)."""
+    asm = g.micro_asm(path, cpu, triple=triple, fused_store=True)
+    words = _x86_words(asm) if triple.startswith("x86") else {
+        ln.split()[0] for ln in asm.splitlines() if ln.strip() and not ln.strip().startswith((".", "//"))}
+    assert needed <= words, needed - words
+    if path != g.PATH_VNNI:
+        assert "vpdpbusd" not in words
 
 
 def test_dotprod_selection_rules(monkeypatch):

@@ -40,6 +40,14 @@ IR of a path is generated only inside the kernel specialised for it (`linear_s8_
   even + odd lanes (the pmaddwd pattern) accumulated in <16 x i32> pairs-of-k lanes, reduced at the
   end. x86 lowers it to vpmaddwd / vpdpwssd, aarch64 to smull/addp-style code. Compiles for any CPU.
 Only the register budget (MR, NP of the pairs path) depends on the host, never correctness.
+
+Driver (`_gemm_s8`): row chunks sized so the chunk's activations and output rows stay in L2, then panel
+groups (NP panels of B, in L1 while the chunk's row blocks pass), then blocks of MR rows. A full block
+(MR rows x NP*16 columns) runs `_micro_s8_f32`, which scales the int32 accumulators in registers and
+stores float32 straight into the output; only edge blocks go through an int32 tile. Activation and
+residual follow in one pass over each chunk's rows. (Before, every 4 x 16 tile went through an int32
+buffer and short per-tile float loops: on a Zen 3 core that epilogue took as long as 60 % of the
+multiply-adds; the fused store made the pairs path's linears of MiniLM 1.4-2x faster.)
 """
 import os
 
@@ -53,7 +61,7 @@ from numba.extending import intrinsic
 
 from edgeformer.kernels._jit import helper, kernel
 from edgeformer.kernels.gemm_f32 import _prefetch
-from edgeformer.kernels.mathfn import ACT_GELU_ERF, ACT_GELU_TANH, ACT_RELU, gelu_erf, gelu_tanh, relu
+from edgeformer.kernels.mathfn import ACT_GELU_ERF, ACT_GELU_TANH, ACT_NONE, ACT_RELU, gelu_erf, gelu_tanh, relu
 
 NR = 16  # columns per panel
 KG = 4  # k values per group (one dword of activations)
@@ -238,8 +246,13 @@ def _emit(context, builder, path, mr, npn, args, sig_args):
 
 
 def emit_ptrs(builder, path, mr, npn, a_ptr, a_off, lda, b_ptr, b_off, pstride, k4, d_ptr, d_off, d_stride,
-              zp_ptr, zp_off, cs_ptr, cs_off):
-    """The micro-kernel's IR on raw pointers (u8*, i8*, i32*, i32*, i32*) and i64 offsets/strides."""
+              zp_ptr, zp_off, cs_ptr, cs_off, f32_out=None):
+    """The micro-kernel's IR on raw pointers (u8*, i8*, i32*, i32*, i32*) and i64 offsets/strides.
+
+    f32_out None: store the int32 tile at d. Else (ws_ptr, sa_ptr, bias_ptr) float* already offset to
+    the tile's first column / first row, and d_ptr is float* (the output): store
+    (f32(acc) * ws[c]) * sa[i] + bias[c] there instead (the same float32 operations in the same order
+    as the Numba epilogue; no fast-math flags, so no contraction into an FMA)."""
     i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
     v16 = ir.VectorType(i32, 16)
 
@@ -354,6 +367,21 @@ def emit_ptrs(builder, path, mr, npn, a_ptr, a_off, lda, b_ptr, b_off, pstride, 
            for j in range(npn)]
     zp_base = builder.gep(zp_ptr, [zp_off])
     zmask16 = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
+    if f32_out is not None:
+        f32 = ir.FloatType()
+        f16v = ir.VectorType(f32, 16)
+        ws_ptr, sa_ptr, bias_ptr = f32_out
+
+        def fvec(ptr, j):
+            return builder.load(builder.bitcast(builder.gep(ptr, [c64(j * NR)]), f16v.as_pointer()), align=4)
+
+        wsv = [fvec(ws_ptr, j) for j in range(npn)]
+        biasv = [fvec(bias_ptr, j) for j in range(npn)]
+        sav = []
+        for i in range(mr):
+            sv1 = builder.insert_element(ir.Constant(f16v, ir.Undefined), builder.load(builder.gep(sa_ptr, [c64(i)])),
+                                         ir.Constant(i32, 0))
+            sav.append(builder.shuffle_vector(sv1, ir.Constant(f16v, ir.Undefined), zmask16))
     for i in range(mr):
         row = builder.mul(d_stride, c64(i))
         z = builder.load(builder.gep(zp_base, [c64(i)]))
@@ -374,7 +402,23 @@ def emit_ptrs(builder, path, mr, npn, a_ptr, a_off, lda, b_ptr, b_off, pstride, 
                 v = builder.add(builder.shuffle_vector(x0, x1, lo), builder.shuffle_vector(x0, x1, hi))
             v = builder.sub(v, builder.mul(zv, csv[j]))
             p = builder.gep(d_base, [builder.add(row, c64(j * NR))])
-            builder.store(v, builder.bitcast(p, v16.as_pointer()), align=4)
+            if f32_out is None:
+                builder.store(v, builder.bitcast(p, v16.as_pointer()), align=4)
+                continue
+            f = builder.fmul(builder.fmul(builder.sitofp(v, f16v), wsv[j]), sav[i])
+            f = builder.fadd(f, biasv[j])
+            builder.store(f, builder.bitcast(p, f16v.as_pointer()), align=4)
+
+
+def _check_path(pv):
+    """Typing-time guard: never emit an instruction the CPU lacks (that aborts the process)."""
+    if pv == PATH_VNNI and not vnni_available():
+        raise TypingError("int8 VNNI micro-kernel requested on a CPU without AVX512-VNNI (or with "
+                          "NUMBA_CPU_NAME/NUMBA_CPU_FEATURES set): refusing to compile it")
+    if pv == PATH_SDOT and not dotprod_available():
+        raise TypingError("int8 sdot micro-kernel requested for a CPU without dotprod: refusing to compile it")
+    if pv not in PATH_NAMES:
+        raise TypingError(f"unknown int8 path {pv}")
 
 
 @intrinsic
@@ -386,19 +430,42 @@ def _micro_s8(typingctx, path, mr, a, a_off, lda, b, b_off, pstride, k4, d, d_of
     if not isinstance(path, types.IntegerLiteral) or not isinstance(mr, types.IntegerLiteral):
         return None
     pv, mv = path.literal_value, mr.literal_value
-    if pv == PATH_VNNI and not vnni_available():
-        raise TypingError("int8 VNNI micro-kernel requested on a CPU without AVX512-VNNI (or with "
-                          "NUMBA_CPU_NAME/NUMBA_CPU_FEATURES set): refusing to compile it")
-    if pv == PATH_SDOT and not dotprod_available():
-        raise TypingError("int8 sdot micro-kernel requested for a CPU without dotprod: refusing to compile it")
-    if pv not in PATH_NAMES:
-        raise TypingError(f"unknown int8 path {pv}")
+    _check_path(pv)
     npn = path_blocking(pv)[1]
     ip = types.intp
     sig = types.void(path, mr, a, ip, ip, b, ip, ip, ip, d, ip, ip, zp, ip, cs, ip)
 
     def codegen(context, builder, signature, args):
         _emit(context, builder, pv, mv, npn, args[2:], signature.args)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _micro_s8_f32(typingctx, path, mr, a, a_off, lda, b, b_off, pstride, k4, out, out_off, ostride, zp, zp_off, cs,
+                  col0, ws, sa, bias):
+    """_micro_s8 with the scaling fused: out.flat[out_off + i*ostride + c] = (f32(acc[i, c]) * ws[col0 + c])
+    * sa[zp_off + i] + bias[col0 + c] for i < mr, c < NP*16 (all NP*16 columns must exist in out, ws and
+    bias); acc as in _micro_s8 (zp[zp_off + i], cs[col0 + c]). out float32 with unit column stride."""
+    if not isinstance(path, types.IntegerLiteral) or not isinstance(mr, types.IntegerLiteral):
+        return None
+    pv, mv = path.literal_value, mr.literal_value
+    _check_path(pv)
+    npn = path_blocking(pv)[1]
+    ip = types.intp
+    sig = types.void(path, mr, a, ip, ip, b, ip, ip, ip, out, ip, ip, zp, ip, cs, ip, ws, sa, bias)
+
+    def codegen(context, builder, signature, args):
+        sa_ = signature.args
+
+        def data(idx):
+            return context.make_array(sa_[idx])(context, builder, args[idx]).data
+
+        col0, zp_off = args[15], args[13]
+        f32_out = (builder.gep(data(16), [col0]), builder.gep(data(17), [zp_off]), builder.gep(data(18), [col0]))
+        emit_ptrs(builder, pv, mv, npn, data(2), args[3], args[4], data(5), args[6], args[7], args[8], data(9),
+                  args[10], args[11], data(12), zp_off, data(14), col0, f32_out=f32_out)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -581,49 +648,60 @@ def _micro_rows(path, mrb, aq, a_off, lda, wflat, b_off, pstride, k4, tile, widt
 
 
 @helper
-def _epilogue(tile, width, mrb, b0, col0, ncol, sa, ws, bias, residual, act, out, raw):
-    """tile (exact int32 accumulators, zero point already subtracted) -> out rows b0..b0+mrb, columns
-    col0..col0+ncol. Every loop is over contiguous float32/int32 lanes (vectorised)."""
-    has_bias = bias.shape[0] != 0
-    has_res = residual.shape[0] != 0
+def _scale_tile(tile, width, mrb, b0, col0, ncol, sa, ws, bias, out, raw):
+    """tile (exact int32 accumulators, zero point already subtracted) -> out[b0:b0+mrb, col0:col0+ncol] =
+    (f32(acc) * ws) * sa[r] + bias (bias (N,) always: zeros when the node has none), or into raw (the exact
+    accumulators, tests). Used for the blocks the fused-store micro-kernel cannot write: the last rows of a
+    range (fewer than MR) and the right-edge panel group (fewer than NP*16 columns)."""
     w = ws[col0:col0 + ncol]
+    bb = bias[col0:col0 + ncol]
     for i in range(mrb):
         r = b0 + i
         t = tile[i * width:i * width + ncol]
-        if raw.shape[0] != 0:  # the exact int32 accumulators (tests)
+        if raw.shape[0] != 0:
             raw[r, col0:col0 + ncol] = t
             continue
         s = sa[r]
         o = out[r, col0:col0 + ncol]
-        if has_bias:
-            bb = bias[col0:col0 + ncol]
-            for j in range(ncol):
-                o[j] = (np.float32(t[j]) * w[j]) * s + bb[j]
-        else:
-            for j in range(ncol):
-                o[j] = (np.float32(t[j]) * w[j]) * s
+        for j in range(ncol):
+            o[j] = (np.float32(t[j]) * w[j]) * s + bb[j]
+
+
+@helper
+def _act_residual(out, residual, act, c0, c1, col_lo, col_hi):
+    """out[c0:c1, col_lo:col_hi] = act(out) + residual, one pass over whole rows (long contiguous loops that
+    vectorise; the rows were just written and are still in L2)."""
+    has_res = residual.shape[0] != 0
+    for r in range(c0, c1):
+        o = out[r, col_lo:col_hi]
+        n = col_hi - col_lo
         if act == ACT_RELU:
-            for j in range(ncol):
+            for j in range(n):
                 o[j] = relu(o[j])
         elif act == ACT_GELU_ERF:
-            for j in range(ncol):
+            for j in range(n):
                 o[j] = gelu_erf(o[j])
         elif act == ACT_GELU_TANH:
-            for j in range(ncol):
+            for j in range(n):
                 o[j] = gelu_tanh(o[j])
         if has_res:
-            rs = residual[r, col0:col0 + ncol]
-            for j in range(ncol):
+            rs = residual[r, col_lo:col_hi]
+            for j in range(n):
                 o[j] += rs[j]
 
 
-# Rows of quantised activations kept in L2 while the weight panels stream past.
+# Rows of quantised activations kept in L2 while the weight panels stream past, and the bytes of output rows a
+# row chunk may write before the activation / residual pass reads them back (both well inside a 512 KiB L2).
 _A_BUDGET = 256 * 1024
-_PREFETCH_W = False
+_OUT_BUDGET = 192 * 1024
 
 
 @helper
 def _gemm_s8(path, mr, npn, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw, r0, r1, p0, p1):
+    """Rows r0:r1, panels p0:p1. Loop order: row chunks (A and the chunk's output rows stay in L2) > panel
+    groups (NP panels of B, in L1 while every row block of the chunk passes) > row blocks of MR rows. Full
+    blocks use the fused-store micro-kernel (int32 accumulators -> scaled float32 in registers -> out);
+    activation and residual follow in one pass over each chunk's rows."""
     if r1 <= r0 or p1 <= p0:
         return
     lda = aq.shape[1]
@@ -633,45 +711,42 @@ def _gemm_s8(path, mr, npn, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, a
     aflat = aq.reshape(-1)
     width = npn * NR
     tile = np.empty(mr * width, dtype=np.int32)
-    mc = _A_BUDGET // max(lda, 1)
-    mc = max(mr, mc - mc % mr)
-    has_res = residual.shape[0] != 0
     use_out = raw.shape[0] == 0
+    bvec = bias if bias.shape[0] != 0 else np.zeros(n_out, dtype=np.float32)
+    col_lo = p0 * NR
+    col_hi = min(p1 * NR, n_out)
+    if col_hi <= col_lo:
+        return
+    mc = min(_A_BUDGET // max(lda, 1), _OUT_BUDGET // (4 * (col_hi - col_lo)))
+    mc = max(mr, mc - mc % mr)
     ostride = out.strides[0] // 4 if use_out else 0
-    rstride = residual.strides[0] // 4 if has_res else 0
-    gbytes = npn * pstride  # bytes of one panel group
+    post = use_out and (act != ACT_NONE or residual.shape[0] != 0)
     for c0 in range(r0, r1, mc):
         c1 = min(c0 + mc, r1)
-        blocks = -(-(c1 - c0) // mr)
-        wlines = -(-gbytes // (64 * blocks))  # weight lines of the next group to prefetch per row block
         for g0 in range(p0, p1, npn):
             col0 = g0 * NR
             if col0 >= n_out:
                 break
             ncol = min(width, n_out - col0)
+            fused = use_out and ncol == width
             b_off = g0 * pstride
-            nxt0 = col0 + width  # columns of the next panel group (prefetched while this one runs)
-            nxt1 = min(min(p1, g0 + 2 * npn) * NR, n_out)
-            nb_off = b_off + gbytes
-            nb_end = min(p1, g0 + 2 * npn) * pstride
+            nxt0 = col0 + width  # columns of the next panel group: its output lines are prefetched for writing
+            nxt1 = min(min(p1, g0 + 2 * npn) * NR, n_out)  # (one line per row, the prefetcher does not follow)
             for b0 in range(c0, c1, mr):
                 mrb = min(mr, c1 - b0)
-                # prefetch: the next group's weights, 1/blocks of it per row block (they stream from L3 or
-                # DRAM once per call), and its output (for writing) and residual lines of these rows (as
-                # many streams as rows: the hardware prefetcher does not follow them)
-                q0 = nb_off + ((b0 - c0) // mr) * wlines * 64
-                if _PREFETCH_W:
-                    for q in range(q0, min(q0 + wlines * 64, nb_end), 64):
-                        _prefetch(wflat, q, 0)
-                for i in range(mrb):
-                    for q in range(nxt0, nxt1, 16):
-                        if use_out:
+                if use_out:
+                    for i in range(mrb):
+                        for q in range(nxt0, nxt1, 16):
                             _prefetch(out, (b0 + i) * ostride + q, 1)
-                        if has_res:
-                            _prefetch(residual, (b0 + i) * rstride + q, 0)
-                _micro_rows(path, mrb, aflat, b0 * lda, lda, wflat, b_off, pstride, k4, tile, width, zp, b0,
-                            colsum, col0)
-                _epilogue(tile, width, mrb, b0, col0, ncol, sa, ws, bias, residual, act, out, raw)
+                if fused and mrb == mr:
+                    _micro_s8_f32(path, mr, aflat, b0 * lda, lda, wflat, b_off, pstride, k4, out,
+                                  b0 * ostride + col0, ostride, zp, b0, colsum, col0, ws, sa, bvec)
+                else:
+                    _micro_rows(path, mrb, aflat, b0 * lda, lda, wflat, b_off, pstride, k4, tile, width, zp, b0,
+                                colsum, col0)
+                    _scale_tile(tile, width, mrb, b0, col0, ncol, sa, ws, bvec, out, raw)
+        if post:
+            _act_residual(out, residual, act, c0, c1, col_lo, col_hi)
 
 
 @kernel
@@ -769,8 +844,10 @@ def linear_q(path):
     raise ValueError(f"unknown int8 path {path!r}")
 
 
-def micro_asm(path: int, cpu: str, triple: str = "aarch64-unknown-linux-gnu", features: str = "", mr: int = 4) -> str:
-    """Assembly of one micro-kernel of ``path`` cross-compiled by LLVM for (triple, cpu, features).
+def micro_asm(path: int, cpu: str, triple: str = "aarch64-unknown-linux-gnu", features: str = "", mr: int = 4,
+              fused_store: bool = False) -> str:
+    """Assembly of one micro-kernel of ``path`` cross-compiled by LLVM for (triple, cpu, features); with
+    ``fused_store`` the variant that scales into float32 output (``_micro_s8_f32``).
 
     Only compiles (never runs) the IR, so it is safe on any host; tests use it to check which instructions a
     path emits for a given CPU (e.g. no sdot for cortex-a72, sdot for cortex-a76)."""
@@ -779,14 +856,15 @@ def micro_asm(path: int, cpu: str, triple: str = "aarch64-unknown-linux-gnu", fe
     i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
     module = ir.Module(name="s8_micro")
     module.triple = triple
-    fnty = ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i8.as_pointer(), i32.as_pointer(), i32.as_pointer(),
-                                           i32.as_pointer(), i64, i64, i64])
+    f32p = ir.FloatType().as_pointer()
+    fnty = ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i8.as_pointer(), f32p if fused_store else i32.as_pointer(),
+                                           i32.as_pointer(), i32.as_pointer(), i64, i64, i64, f32p, f32p, f32p])
     fn = ir.Function(module, fnty, name="s8_micro")
-    a, b, d, zp, cs, lda, pstride, k4 = fn.args
+    a, b, d, zp, cs, lda, pstride, k4, ws, sa, bias = fn.args
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
     zero = ir.Constant(i64, 0)
     emit_ptrs(builder, path, mr, path_blocking(path)[1], a, zero, lda, b, zero, pstride, k4, d, zero,
-              ir.Constant(i64, 64), zp, zero, cs, zero)
+              ir.Constant(i64, 64), zp, zero, cs, zero, f32_out=(ws, sa, bias) if fused_store else None)
     builder.ret_void()
     llmod = _llb.parse_assembly(str(module))
     llmod.verify()
