@@ -333,12 +333,19 @@ def test_float_epilogue_several_row_chunks(path, act):
 
 def test_vnni_not_selected_without_the_feature(monkeypatch):
     no_vnni = {"avx512f": True, "avx512bw": True, "avx512vl": True, "avx512vnni": False, "avx2": True}
-    # without VNNI: the sdot path on an aarch64 CPU with dotprod (emulated Pi 5), the portable one elsewhere
-    fallback = g.PATH_SDOT if g.dotprod_available(no_vnni) else g.PATH_PAIRS
+    # without VNNI: the sdot path on an aarch64 CPU with dotprod (emulated Pi 5), the AVX2 one on x86-64 with
+    # AVX2, the portable one elsewhere
+    def fallback_for(features):
+        if g.dotprod_available(features):
+            return g.PATH_SDOT
+        return g.PATH_AVX2 if g.avx2_available(features) else g.PATH_PAIRS
+
+    fallback = fallback_for(no_vnni)
     assert not g.vnni_available(no_vnni)
     assert g.select_path(no_vnni) == fallback
     assert g.available_paths(no_vnni) == sorted({g.PATH_PAIRS, fallback})
-    assert g.select_path({}) == fallback
+    assert g.select_path({}) == fallback_for({})
+    assert g.PATH_AVX2 not in g.available_paths({})
     yes = dict(no_vnni, avx512vnni=True)
     monkeypatch.delenv("EDGEFORMER_INT8_PATH", raising=False)
     if not g._cpu_overridden():
@@ -353,8 +360,20 @@ def test_vnni_not_selected_without_the_feature(monkeypatch):
 
 def test_vnni_not_selected_when_numba_cpu_is_overridden(monkeypatch):
     monkeypatch.setenv("NUMBA_CPU_NAME", "generic")
-    yes = {"avx512f": True, "avx512bw": True, "avx512vl": True, "avx512vnni": True}
+    yes = {"avx512f": True, "avx512bw": True, "avx512vl": True, "avx512vnni": True, "avx2": True}
     assert not g.vnni_available(yes) and g.select_path(yes) != g.PATH_VNNI
+    assert not g.avx2_available(yes) and g.select_path(yes) == g.PATH_PAIRS
+
+
+def test_avx2_path_only_on_x86_64(monkeypatch):
+    monkeypatch.setattr(g._llb, "get_process_triple", lambda: "aarch64-unknown-linux-gnu")
+    assert not g.avx2_available({"avx2": True})
+    monkeypatch.setattr(g._llb, "get_process_triple", lambda: "x86_64-unknown-linux-gnu")
+    assert g.avx2_available({"avx2": True}) is not g._cpu_overridden()
+    assert not g.avx2_available({"avx2": False})
+    if not g.avx2_available():
+        with pytest.raises(RuntimeError, match="AVX2"):
+            g.linear_q(g.PATH_AVX2)
 
 
 def test_forced_portable_path(monkeypatch):
@@ -366,6 +385,8 @@ def test_every_runnable_path_is_tested():
     assert g.PATH_PAIRS in PATHS
     if g.vnni_available():
         assert g.PATH_VNNI in PATHS
+    if g.avx2_available():
+        assert g.PATH_AVX2 in PATHS
 
 
 def test_quantize_weight_mse_never_worse_than_maxabs():
@@ -416,6 +437,7 @@ def _x86_words(asm):
     (g.PATH_VNNI, "x86_64-unknown-linux-gnu", "znver4", {"vpdpbusd", "vcvtdq2ps", "vmulps", "vaddps"}),
     (g.PATH_VNNI, "x86_64-unknown-linux-gnu", "icelake-server", {"vpdpbusd", "vcvtdq2ps"}),
     (g.PATH_PAIRS, "x86_64-unknown-linux-gnu", "haswell", {"vpmaddwd", "vcvtdq2ps"}),
+    (g.PATH_AVX2, "x86_64-unknown-linux-gnu", "haswell", {"vpmaddwd", "vpmovsxbw", "vpbroadcastq", "vcvtdq2ps"}),
     pytest.param(g.PATH_SDOT, "aarch64-unknown-linux-gnu", "cortex-a76", {"sdot", "scvtf", "fmul", "fadd"},
                  marks=pytest.mark.skipif(not _aarch64_target_available(), reason="no AArch64 target in llvmlite")),
 ])

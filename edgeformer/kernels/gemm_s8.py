@@ -71,7 +71,9 @@ K_MAX = 65536  # accumulation bound, see the module docstring (255 * 127 * 66311
 PATH_PAIRS = 1
 PATH_VNNI = 2
 PATH_SDOT = 3
-PATH_NAMES = {PATH_PAIRS: "pairs", PATH_VNNI: "vnni", PATH_SDOT: "sdot"}
+PATH_AVX2 = 4
+PATH_NAMES = {PATH_PAIRS: "pairs", PATH_VNNI: "vnni", PATH_SDOT: "sdot", PATH_AVX2: "avx2"}
+A16_PATHS = (PATH_AVX2,)  # paths that read the activations widened to int16 (`widen_rows`)
 
 
 # ---- path selection (Python, before anything is compiled) ----------------------------------------
@@ -92,6 +94,16 @@ def vnni_available(features=None) -> bool:
         return False
     f = host_features() if features is None else features
     return all(bool(f.get(name, False)) for name in ("avx512f", "avx512bw", "avx512vl", "avx512vnni"))
+
+
+def avx2_available(features=None) -> bool:
+    """May the AVX2 micro-kernel (llvm.x86.avx2.pmadd.wd) be compiled here? Only on an x86-64 host that
+    reports avx2, with no CPU override (an x86 intrinsic compiled for a CPU without it aborts the process,
+    as the VNNI one does, numba.md §1)."""
+    if _cpu_overridden() or _llb.get_process_triple().split("-")[0] not in ("x86_64", "amd64"):
+        return False
+    f = host_features() if features is None else features
+    return bool(f.get("avx2", False))
 
 
 # CPUs (LLVM names) with the ARMv8.2 dot-product extension; any other NUMBA_CPU_NAME gets no sdot.
@@ -125,20 +137,23 @@ def dotprod_available(features=None, cpu_name=None, cpu_features=None, aarch64=N
 
 
 def select_path(features=None) -> int:
-    """The fastest path this CPU can run (PATH_VNNI, PATH_SDOT or PATH_PAIRS). EDGEFORMER_INT8_PATH=pairs
-    forces the portable one."""
+    """The fastest path this CPU can run: PATH_VNNI, PATH_SDOT, PATH_AVX2 (x86-64 with AVX2, no VNNI) or
+    PATH_PAIRS. EDGEFORMER_INT8_PATH=pairs forces the portable one."""
     if os.environ.get("EDGEFORMER_INT8_PATH", "").lower() == "pairs":
         return PATH_PAIRS
     if vnni_available(features):
         return PATH_VNNI
     if dotprod_available(features):
         return PATH_SDOT
+    if avx2_available(features):
+        return PATH_AVX2
     return PATH_PAIRS
 
 
 def available_paths(features=None) -> list:
     return ([PATH_PAIRS] + ([PATH_VNNI] if vnni_available(features) else [])
-            + ([PATH_SDOT] if dotprod_available(features) else []))
+            + ([PATH_SDOT] if dotprod_available(features) else [])
+            + ([PATH_AVX2] if avx2_available(features) else []))
 
 
 def _pairs_budget():
@@ -156,6 +171,7 @@ def _pairs_budget():
 PAIRS_MR, PAIRS_NP = _pairs_budget()
 VNNI_MR, VNNI_NP = 4, 4
 SDOT_MR, SDOT_NP = 4, 1  # 16 q-register accumulators (4 rows x 4 quads of columns)
+AVX2_MR, AVX2_NP = 6, 1  # per half panel: 12 ymm accumulators (6 rows x 2) + 2 weight + 1 activation vectors
 
 
 def path_blocking(path: int):
@@ -164,6 +180,8 @@ def path_blocking(path: int):
         return VNNI_MR, VNNI_NP
     if path == PATH_SDOT:
         return SDOT_MR, SDOT_NP
+    if path == PATH_AVX2:
+        return AVX2_MR, AVX2_NP
     return PAIRS_MR, PAIRS_NP
 
 
@@ -263,6 +281,10 @@ def emit_ptrs(builder, path, mr, npn, a_ptr, a_off, lda, b_ptr, b_off, pstride, 
     b_base = builder.gep(b_ptr, [b_off])
     a_rows = [builder.gep(a_base, [builder.mul(lda, c64(i))]) for i in range(mr)]
     b_panels = [builder.gep(b_base, [builder.mul(pstride, c64(j))]) for j in range(npn)]
+    if path == PATH_AVX2:
+        sums = _emit_avx2_sums(builder, mr, npn, a_rows, b_panels, k4)
+        _emit_store(builder, path, mr, npn, sums, d_ptr, d_off, d_stride, zp_ptr, zp_off, cs_ptr, cs_off, f32_out)
+        return
     nacc = mr * npn * {PATH_VNNI: 1, PATH_PAIRS: 2, PATH_SDOT: 4}[path]
 
     fn = builder.function
@@ -355,11 +377,110 @@ def emit_ptrs(builder, path, mr, npn, a_ptr, a_off, lda, b_ptr, b_off, pstride, 
         ph.add_incoming(v, end)
 
     builder.position_at_end(done)
-    d_base = builder.gep(d_ptr, [d_off])
+    sums = []  # (mr * npn) <16 x i32>: sum_k a*w of row i, panel j
     if path == PATH_PAIRS:
         # lanes (2c, 2c+1) of half h hold column 8h + c over k pairs (0,1) and (2,3): add them
         lo = ir.Constant(ir.VectorType(i32, 16), [2 * q for q in range(8)] + [16 + 2 * q for q in range(8)])
         hi = ir.Constant(ir.VectorType(i32, 16), [2 * q + 1 for q in range(8)] + [16 + 2 * q + 1 for q in range(8)])
+    for i in range(mr):
+        for j in range(npn):
+            if path == PATH_VNNI:
+                v = accs[i * npn + j]
+            elif path == PATH_SDOT:
+                q4 = [accs[(i * npn + j) * 4 + q] for q in range(4)]
+                lo8 = builder.shuffle_vector(q4[0], q4[1], ir.Constant(ir.VectorType(i32, 8), list(range(8))))
+                hi8 = builder.shuffle_vector(q4[2], q4[3], ir.Constant(ir.VectorType(i32, 8), list(range(8))))
+                v = builder.shuffle_vector(lo8, hi8, ir.Constant(ir.VectorType(i32, 16), list(range(16))))
+            else:
+                x0, x1 = accs[(i * npn + j) * 2], accs[(i * npn + j) * 2 + 1]
+                v = builder.add(builder.shuffle_vector(x0, x1, lo), builder.shuffle_vector(x0, x1, hi))
+            sums.append(v)
+    _emit_store(builder, path, mr, npn, sums, d_ptr, d_off, d_stride, zp_ptr, zp_off, cs_ptr, cs_off, f32_out)
+
+
+def _emit_avx2_sums(builder, mr, npn, a_rows, b_panels, k4):
+    """AVX2 (no VNNI) sums: activations pre-widened to int16 (a_rows are i16*, `widen_rows`), weights widened
+    with vpmovsxbw, products and pair sums by vpmaddwd (llvm.x86.avx2.pmadd.wd: 16 exact int16 x int16
+    products added in pairs into 8 int32 lanes; |a*w| <= 255*127, a pair <= 64770, no saturation).
+    One K loop per half panel (8 columns): 2*mr accumulators + 2 weight vectors + 1 broadcast fit the 16 ymm
+    registers, and every weight vector is reused by mr rows (the widening is the bottleneck otherwise). A half
+    panel's k-group is 32 bytes: columns c < 4 in the first 16 (c*4 + j), c >= 4 in the second."""
+    i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+    v8, v16 = ir.VectorType(i32, 8), ir.VectorType(i32, 16)
+    v16i16, v16i8, v4i16 = ir.VectorType(i16, 16), ir.VectorType(ir.IntType(8), 16), ir.VectorType(i16, 4)
+    name = "llvm.x86.avx2.pmadd.wd"
+    madd = builder.module.globals.get(name)
+    if madd is None:
+        madd = ir.Function(builder.module, ir.FunctionType(v8, [v16i16, v16i16]), name)
+    zero = ir.Constant(v8, [0] * 8)
+    rep4 = ir.Constant(ir.VectorType(i32, 16), [q % 4 for q in range(16)])
+
+    def c64(v):
+        return ir.Constant(i64, v)
+
+    halves = {}  # (j, h) -> [2*mr accumulators]
+    for j in range(npn):
+        for h in range(2):
+            fn = builder.function
+            head = fn.append_basic_block("avx2_head")
+            body = fn.append_basic_block("avx2_body")
+            done = fn.append_basic_block("avx2_done")
+            pre = builder.block
+            builder.branch(head)
+            builder.position_at_end(head)
+            g = builder.phi(i64, "g")
+            g.add_incoming(c64(0), pre)
+            accs = []
+            for _ in range(2 * mr):
+                ph = builder.phi(v8)
+                ph.add_incoming(zero, pre)
+                accs.append(ph)
+            builder.cbranch(builder.icmp_signed("<", g, k4), body, done)
+            builder.position_at_end(body)
+            boff = builder.add(builder.mul(g, c64(NR * KG)), c64(32 * h))
+            bw = [builder.sext(builder.load(builder.bitcast(builder.gep(b_panels[j], [builder.add(boff, c64(16 * q))]),
+                                                          v16i8.as_pointer()), align=1), v16i16)
+                  for q in range(2)]  # columns 4q .. 4q+3 of the half, 4 k each
+            aoff = builder.mul(g, c64(KG))
+            new = []
+            for i in range(mr):
+                four = builder.load(builder.bitcast(builder.gep(a_rows[i], [aoff]), v4i16.as_pointer()), align=2)
+                av = builder.shuffle_vector(four, ir.Constant(v4i16, ir.Undefined), rep4)  # (a0..a3) x 4
+                for q in range(2):
+                    new.append(builder.add(accs[2 * i + q], builder.call(madd, [av, bw[q]])))
+            nxt = builder.add(g, c64(1))
+            end = builder.block
+            builder.branch(head)
+            g.add_incoming(nxt, end)
+            for ph, v in zip(accs, new):
+                ph.add_incoming(v, end)
+            builder.position_at_end(done)
+            halves[(j, h)] = accs
+    # lanes (2c, 2c+1) of accumulator q hold column 4q + c over k pairs (0,1), (2,3): add them
+    even = ir.Constant(ir.VectorType(i32, 8), list(range(0, 16, 2)))
+    odd = ir.Constant(ir.VectorType(i32, 8), list(range(1, 16, 2)))
+    cat = ir.Constant(ir.VectorType(i32, 16), list(range(16)))
+    sums = []
+    for i in range(mr):
+        for j in range(npn):
+            cols = []
+            for h in range(2):
+                x0, x1 = halves[(j, h)][2 * i], halves[(j, h)][2 * i + 1]
+                cols.append(builder.add(builder.shuffle_vector(x0, x1, even), builder.shuffle_vector(x0, x1, odd)))
+            sums.append(builder.shuffle_vector(cols[0], cols[1], cat))
+    return sums
+
+
+def _emit_store(builder, path, mr, npn, sums, d_ptr, d_off, d_stride, zp_ptr, zp_off, cs_ptr, cs_off, f32_out):
+    """acc - zp[i] * colsum[c] for the (mr x npn) <16 x i32> sums, stored as int32 at d, or scaled to float32
+    (f32_out, see emit_ptrs)."""
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    v16 = ir.VectorType(i32, 16)
+
+    def c64(v):
+        return ir.Constant(i64, v)
+
+    d_base = builder.gep(d_ptr, [d_off])
     # zero-point correction in registers: acc - zp[i] * colsum[c], int32 with wrap-around, which is exact
     # because the true value fits int32 (module docstring)
     cs_base = builder.gep(cs_ptr, [cs_off])
@@ -390,17 +511,7 @@ def emit_ptrs(builder, path, mr, npn, a_ptr, a_off, lda, b_ptr, b_off, pstride, 
         zv = builder.insert_element(ir.Constant(v16, ir.Undefined), z, ir.Constant(i32, 0))
         zv = builder.shuffle_vector(zv, ir.Constant(v16, ir.Undefined), zmask16)
         for j in range(npn):
-            if path == PATH_VNNI:
-                v = accs[i * npn + j]
-            elif path == PATH_SDOT:
-                q4 = [accs[(i * npn + j) * 4 + q] for q in range(4)]
-                lo8 = builder.shuffle_vector(q4[0], q4[1], ir.Constant(ir.VectorType(i32, 8), list(range(8))))
-                hi8 = builder.shuffle_vector(q4[2], q4[3], ir.Constant(ir.VectorType(i32, 8), list(range(8))))
-                v = builder.shuffle_vector(lo8, hi8, ir.Constant(ir.VectorType(i32, 16), list(range(16))))
-            else:
-                x0, x1 = accs[(i * npn + j) * 2], accs[(i * npn + j) * 2 + 1]
-                v = builder.add(builder.shuffle_vector(x0, x1, lo), builder.shuffle_vector(x0, x1, hi))
-            v = builder.sub(v, builder.mul(zv, csv[j]))
+            v = builder.sub(sums[i * npn + j], builder.mul(zv, csv[j]))
             p = builder.gep(d_base, [builder.add(row, c64(j * NR))])
             if f32_out is None:
                 builder.store(v, builder.bitcast(p, v16.as_pointer()), align=4)
@@ -415,6 +526,9 @@ def _check_path(pv):
     if pv == PATH_VNNI and not vnni_available():
         raise TypingError("int8 VNNI micro-kernel requested on a CPU without AVX512-VNNI (or with "
                           "NUMBA_CPU_NAME/NUMBA_CPU_FEATURES set): refusing to compile it")
+    if pv == PATH_AVX2 and not avx2_available():
+        raise TypingError("int8 AVX2 micro-kernel requested on a CPU without AVX2 (or with NUMBA_CPU_NAME/"
+                          "NUMBA_CPU_FEATURES set): refusing to compile it")
     if pv == PATH_SDOT and not dotprod_available():
         raise TypingError("int8 sdot micro-kernel requested for a CPU without dotprod: refusing to compile it")
     if pv not in PATH_NAMES:
@@ -637,7 +751,11 @@ def quantize_rows_static(x, asym, smooth, qscale, qzero, aq, sa, zp, r0, r1):
 
 @helper
 def _micro_rows(path, mrb, aq, a_off, lda, wflat, b_off, pstride, k4, tile, width, zp, b0, colsum, col0):
-    if mrb == 4:
+    if mrb == 6:
+        _micro_s8(path, 6, aq, a_off, lda, wflat, b_off, pstride, k4, tile, 0, width, zp, b0, colsum, col0)
+    elif mrb == 5:
+        _micro_s8(path, 5, aq, a_off, lda, wflat, b_off, pstride, k4, tile, 0, width, zp, b0, colsum, col0)
+    elif mrb == 4:
         _micro_s8(path, 4, aq, a_off, lda, wflat, b_off, pstride, k4, tile, 0, width, zp, b0, colsum, col0)
     elif mrb == 3:
         _micro_s8(path, 3, aq, a_off, lda, wflat, b_off, pstride, k4, tile, 0, width, zp, b0, colsum, col0)
@@ -771,6 +889,37 @@ def linear_s8_sdot(aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, 
 
 
 @kernel
+def widen_rows(aq, a16, r0, r1):
+    """a16[r] = aq[r] as int16 for r in [r0, r1) (the AVX2 path multiplies int16 pairs)."""
+    for r in range(r0, r1):
+        src = aq[r]
+        dst = a16[r]
+        for j in range(src.shape[0]):
+            dst[j] = np.int16(src[j])
+
+
+@kernel
+def linear_s8_avx2(aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw, r0, r1, p0, p1):
+    """AVX2 path: call only when avx2_available(). See linear_s8."""
+    a16 = np.empty(aq.shape, dtype=np.int16)
+    widen_rows(aq, a16, r0, r1)
+    _gemm_s8(4, AVX2_MR, AVX2_NP, a16, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw,
+             r0, r1, p0, p1)
+
+
+@kernel
+def linear_q_avx2(x, asym, smooth, quant, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw, r0, r1,
+                  p0, p1):
+    """quantize_rows then the AVX2 path: call only when avx2_available(). See linear_s8."""
+    if quant != 0:
+        quantize_rows_smooth(x, asym, smooth, aq, sa, zp, r0, r1)
+    a16 = np.empty(aq.shape, dtype=np.int16)
+    widen_rows(aq, a16, r0, r1)
+    _gemm_s8(4, AVX2_MR, AVX2_NP, a16, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw,
+             r0, r1, p0, p1)
+
+
+@kernel
 def linear_q_sdot(x, asym, smooth, quant, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw, r0, r1,
                   p0, p1):
     """quantize_rows then the sdot path: call only when dotprod_available(). See linear_s8."""
@@ -818,6 +967,10 @@ def linear_s8(path):
         if not dotprod_available():
             raise RuntimeError("the sdot int8 path is not available on this CPU")
         return linear_s8_sdot
+    if path == PATH_AVX2:
+        if not avx2_available():
+            raise RuntimeError("the AVX2 int8 path is not available on this CPU")
+        return linear_s8_avx2
     if path == PATH_PAIRS:
         return linear_s8_pairs
     raise ValueError(f"unknown int8 path {path!r}")
@@ -839,6 +992,10 @@ def linear_q(path):
         if not dotprod_available():
             raise RuntimeError("the sdot int8 path is not available on this CPU")
         return linear_q_sdot
+    if path == PATH_AVX2:
+        if not avx2_available():
+            raise RuntimeError("the AVX2 int8 path is not available on this CPU")
+        return linear_q_avx2
     if path == PATH_PAIRS:
         return linear_q_pairs
     raise ValueError(f"unknown int8 path {path!r}")
@@ -857,7 +1014,8 @@ def micro_asm(path: int, cpu: str, triple: str = "aarch64-unknown-linux-gnu", fe
     module = ir.Module(name="s8_micro")
     module.triple = triple
     f32p = ir.FloatType().as_pointer()
-    fnty = ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i8.as_pointer(), f32p if fused_store else i32.as_pointer(),
+    a_type = ir.IntType(16) if path in A16_PATHS else i8
+    fnty = ir.FunctionType(ir.VoidType(), [a_type.as_pointer(), i8.as_pointer(), f32p if fused_store else i32.as_pointer(),
                                            i32.as_pointer(), i32.as_pointer(), i64, i64, i64, f32p, f32p, f32p])
     fn = ir.Function(module, fnty, name="s8_micro")
     a, b, d, zp, cs, lda, pstride, k4, ws, sa, bias = fn.args
