@@ -173,6 +173,7 @@ def cmd_info(args) -> int:
 
     int8_path = PATH_NAMES[select_path()]
     described = {"vnni": "AVX-512 VNNI vpdpbusd", "sdot": "ARMv8.2 dotprod sdot",
+                 "avx2": "AVX2 vpmaddwd on int16-widened activations (x86-64 without VNNI)",
                  "pairs": "portable LLVM IR (widening multiplies, pairwise adds)"}
     print(f"              linear int8 = {int8_path}: {described.get(int8_path, int8_path)}")
     return 0
