@@ -179,13 +179,18 @@ def speed(engines: dict, shapes, repeat: int) -> dict:
             run(feeds)
             run(feeds)
         times = {name: [] for name in engines}
+        names = list(engines)  # names[0] edgeformer int8, names[1] ORT int8
         for _ in range(repeat):
-            for name, run in engines.items():  # interleaved
+            # interleaved, in a fresh random order each round: on a shared host the speed drifts by 20 % within
+            # seconds, and a fixed order can line an engine up with the slow phases
+            for name in rng.permutation(names):
                 t = time.perf_counter()
-                run(feeds)
+                engines[name](feeds)
                 times[name].append(time.perf_counter() - t)
         cell = {name: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v)} for name, v in times.items()}
-        names = list(engines)  # names[0] edgeformer int8, names[1] ORT int8
+        # the ratio within each round (both engines ran within a fraction of a second), then its median
+        cell["paired_ratio_over_ort"] = {name: statistics.median(a / b for a, b in zip(times[name], times[names[1]]))
+                                         for name in names}
         cell["ratio_edgeformer_over_ort"] = cell[names[0]]["median_ms"] / cell[names[1]]["median_ms"]
         cell["ratio_over_ort"] = {name: cell[name]["median_ms"] / cell[names[1]]["median_ms"] for name in names}
         cell["sentences_per_s"] = {name: batch / (cell[name]["median_ms"] / 1e3) for name in names}
@@ -251,15 +256,18 @@ def markdown(res: dict) -> str:
         lines.append("")
     sp = res.get("speed")
     if sp:
-        skip = ("ratio_edgeformer_over_ort", "ratio_over_ort", "sentences_per_s")
+        skip = ("ratio_edgeformer_over_ort", "ratio_over_ort", "sentences_per_s", "paired_ratio_over_ort")
         names = [k for k in next(iter(sp.values())) if k not in skip]
-        lines += ["## Speed (1 thread, median ms, engines interleaved; ratio = engine / ORT int8)", "",
+        lines += ["## Speed (1 thread, median ms, engines interleaved in a random order per round; ratio = median "
+                  "engine / median ORT int8, [in brackets: median of the per-round ratios])", "",
                   "| shape | " + " | ".join(names) + " | " + " | ".join(f"{n} / ORT" for n in names if "ORT" not in n)
                   + " | sentences/s (" + ", ".join(names) + ") |",
                   "|---" * (1 + len(names) + len([n for n in names if "ORT" not in n]) + 1) + "|"]
         for shape, cell in sp.items():
             sps = ", ".join(f"{v:.1f}" for v in cell["sentences_per_s"].values())
-            ratios = " | ".join(f"{cell['ratio_over_ort'][n]:.3f}" for n in names if "ORT" not in n)
+            paired = cell.get("paired_ratio_over_ort", {})
+            ratios = " | ".join(f"{cell['ratio_over_ort'][n]:.3f}" + (f" [{paired[n]:.3f}]" if n in paired else "")
+                                for n in names if "ORT" not in n)
             lines.append(f"| {shape} | " + " | ".join(f"{cell[n]['median_ms']:.2f}" for n in names)
                          + f" | {ratios} | {sps} |")
         lines.append("")
