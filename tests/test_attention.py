@@ -85,7 +85,7 @@ def assert_close(got, want, tol, what):
     assert not bad.any(), f"{what}: {bad.sum()} elements off, max err {np.nanmax(err):.3g}, max ratio {np.nanmax(err / tol):.3g}"
 
 
-lengths_st = st.one_of(st.sampled_from([0, 1, 2, 63, 64, 65, 255, 256, 257, 300]), st.integers(0, 300))
+lengths_st = st.one_of(st.sampled_from([0, 1, 2, 63, 64, 65, 127, 128, 129, 255, 256, 257, 300]), st.integers(0, 300))
 
 
 @st.composite
