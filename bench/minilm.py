@@ -217,6 +217,49 @@ def time_cell(fn, warmup_runs, warmup_time, repeat, min_time, max_runs=2000) -> 
     return cell
 
 
+def time_cells_interleaved(fns: dict, warmup_runs, warmup_time, repeat, min_time, seed=0, max_rounds=2000) -> dict:
+    """time_cell for several engines at once: after each one's warm-up, rounds in which every engine runs
+    once, in a fresh random order, until >= repeat rounds and >= min_time s per engine. On a shared host the
+    speed drifts by 20 % within seconds; engine-by-engine cells then compare different phases. Each cell
+    also gets paired_ratio: the median over rounds of (this engine's time / the first engine's time)."""
+    import numpy as np
+
+    for fn in fns.values():
+        start, done = time.perf_counter(), 0
+        while done < warmup_runs or time.perf_counter() - start < warmup_time:
+            fn()
+            done += 1
+    rng = np.random.default_rng(seed)
+    names = list(fns)
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    stat0, cpu0, wall0 = _proc_stat(), time.process_time(), time.perf_counter()
+    samples = {name: [] for name in names}
+    while True:
+        for i in rng.permutation(len(names)):
+            t0 = time.perf_counter()
+            fns[names[i]]()
+            samples[names[i]].append(time.perf_counter() - t0)
+        rounds = len(samples[names[0]])
+        if rounds >= max_rounds or (rounds >= repeat and time.perf_counter() - wall0 >= min_time * len(names)):
+            break
+    wall = time.perf_counter() - wall0
+    own = time.process_time() - cpu0
+    stat1 = _proc_stat()
+    cells = {}
+    first = np.asarray(samples[names[0]])
+    for name in names:
+        ms = np.asarray(samples[name]) * 1e3
+        cell = {"median_ms": float(np.median(ms)), "p25_ms": float(np.percentile(ms, 25)),
+                "p75_ms": float(np.percentile(ms, 75)), "min_ms": float(ms.min()), "runs": len(ms),
+                "warmup_runs": warmup_runs, "cpu_util": own / wall if wall else None, "interleaved": "calls",
+                "paired_ratio": float(np.median(np.asarray(samples[name]) / first))}
+        if stat0 and stat1:
+            cell["foreign_cpu"] = max(0.0, (stat1[0] - stat0[0]) / hz - own) / wall
+            cell["steal"] = (stat1[1] - stat0[1]) / hz / wall
+        cells[name] = cell
+    return cells
+
+
 # ----------------------------------------------------------------------------------------------
 # workers (run in subprocesses)
 # ----------------------------------------------------------------------------------------------
@@ -304,10 +347,14 @@ def worker_latency(args) -> dict:
     cells = []
 
     def measure(label, feeds, extra):
+        if args.interleave == "calls":
+            timed = time_cells_interleaved({name: (lambda engine=engines[name]: engine(feeds)) for name in names},
+                                           seed=args.seed, **timing)
+        else:
+            timed = {name: time_cell(lambda engine=engines[name]: engine(feeds), **timing) for name in names}
         for name in names:
-            fn = (lambda engine=engines[name]: engine(feeds))
             cell = {"engine": name, "threads": threads, **extra}
-            cell.update(time_cell(fn, **timing))
+            cell.update(timed[name])
             cells.append(cell)
             print(f"  [{threads}t r{args.round}] {name:10} {label:14} median {cell['median_ms']:9.2f} ms "
                   f"(p25 {cell['p25_ms']:.2f}, p75 {cell['p75_ms']:.2f}, {cell['runs']} runs, "
@@ -396,7 +443,7 @@ def worker_rss(args) -> dict:
 # ----------------------------------------------------------------------------------------------
 def bench_latency(args, prep, work) -> dict:
     cfg = ["--warmup-runs", str(args.warmup_runs), "--warmup-time", str(args.warmup_time),
-           "--repeat", str(args.repeat), "--min-time", str(args.min_time)]
+           "--repeat", str(args.repeat), "--min-time", str(args.min_time), "--interleave", args.interleave]
     rounds = []
     for r in range(args.rounds):
         for threads in args.thread_list:
@@ -432,6 +479,8 @@ def summarize_latency(rounds, args) -> dict:
                 "cpu_util": [c.get("cpu_util") for c in per_round],
                 "foreign_cpu": [c.get("foreign_cpu") for c in per_round], "steal": [c.get("steal") for c in per_round],
                 "sentences_per_s": batch / (med / 1e3) if med else None}
+        if all("paired_ratio" in c for c in per_round):  # this engine's time / the first engine's, per round
+            cell["paired_ratio"] = median([c["paired_ratio"] for c in per_round])
         if variant:
             cell["variant"] = variant
         cells.append(cell)
@@ -455,6 +504,9 @@ def summarize_latency(rounds, args) -> dict:
             for other in ("ort", "torch"):
                 if ef and row.get(other):
                     row[f"edgeformer/{other}"] = ef / row[other]
+                    c = find("latency", threads, shape, other)
+                    if names[0] == "edgeformer" and c and c.get("paired_ratio"):
+                        row[f"edgeformer/{other} paired"] = 1.0 / c["paired_ratio"]
             table.append(row)
         pad = next((res["padding"] for res in rounds if res["padding"] and res["runtime"]["threads"] == threads), None)
         if pad:
@@ -681,6 +733,9 @@ def markdown(report: dict) -> str:
     if lat:
         lines += [f"## Latency (forward pass, ids -> last_hidden_state; median of {args['rounds']} round(s) of "
                   f">= {args['repeat']} runs and >= {args['min_time']} s per cell; ms)", ""]
+        if args.get("interleave", "cells") == "calls":
+            lines += ["Engines interleaved call by call in a random order per round; ratio = median / median "
+                      "[median of the per-round ratios].", ""]
         head = "| threads | shape | " + " | ".join(f"{LABELS[n]} ms (p25-p75)" for n in names)
         ratio_cols = [o for o in ("ort", "torch") if o in names and "edgeformer" in names]
         head += "".join(f" | edgeformer / {LABELS[o]}" for o in ratio_cols)
@@ -693,7 +748,8 @@ def markdown(report: dict) -> str:
                           c["threads"] == row["threads"] and c["shape"] == row["shape"]), None)
                 parts.append(f"{c['median_ms']:.2f} ({c['p25_ms']:.2f}-{c['p75_ms']:.2f})" if c else "-")
             for o in ratio_cols:
-                parts.append(fmt(row.get(f"edgeformer/{o}"), 2))
+                paired = row.get(f"edgeformer/{o} paired")
+                parts.append(fmt(row.get(f"edgeformer/{o}"), 2) + (f" [{paired:.2f}]" if paired else ""))
             if row["batch"] > 1:
                 parts.append(" / ".join(fmt(row[n] and row["batch"] / row[n] * 1e3, 1) for n in names))
             else:
@@ -820,6 +876,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=None, help="timed runs per cell at least, default 20 (--quick 3)")
     p.add_argument("--min-time", type=float, default=None, help="timed seconds per cell at least, default 2 (--quick 0)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--interleave", choices=("calls", "cells"), default="calls",
+                   help="calls: every round runs each engine once, in a random order (default); cells: each "
+                        "engine's runs of a cell back to back")
     p.add_argument("--out", default=str(HERE / "results"), help="output directory (default bench/results)")
     p.add_argument("--name", default="minilm", help="output file stem (default minilm)")
     p.add_argument("--work", default=None, help="scratch dir for the converted model and cold-start caches "
@@ -862,7 +921,7 @@ def main(argv=None) -> int:
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine_info(), "prepare": prep,
               "config": {k: getattr(args, k) for k in ("quick", "threads", "thread_list", "shapes", "engines", "rounds",
                                                        "warmup_runs", "warmup_time", "repeat", "min_time", "cold_threads",
-                                                       "cold_reps", "seed")},
+                                                       "cold_reps", "seed", "interleave")},
               "command": " ".join([Path(sys.executable).name, "bench/minilm.py"] + (argv or sys.argv[1:]))}
     report["config"]["pinning"] = {str(t): pin_prefix(t)[2:] for t in args.thread_list}
     if not args.skip_latency:
