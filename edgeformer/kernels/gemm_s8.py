@@ -913,10 +913,7 @@ def linear_q_avx2(x, asym, smooth, quant, aq, sa, zp, wp, colsum, ws, n_out, bia
     """quantize_rows then the AVX2 path: call only when avx2_available(). See linear_s8."""
     if quant != 0:
         quantize_rows_smooth(x, asym, smooth, aq, sa, zp, r0, r1)
-    a16 = np.empty(aq.shape, dtype=np.int16)
-    widen_rows(aq, a16, r0, r1)
-    _gemm_s8(4, AVX2_MR, AVX2_NP, a16, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw,
-             r0, r1, p0, p1)
+    linear_s8_avx2(aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw, r0, r1, p0, p1)
 
 
 @kernel
