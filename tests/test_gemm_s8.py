@@ -404,15 +404,22 @@ def test_quantize_weight_mse_never_worse_than_maxabs():
 
 # ---- aarch64 paths, cross-compiled (LLVM only compiles here, nothing runs) ---------------------------
 
-def _aarch64_target_available():
+def _target_available(triple):
     import llvmlite.binding as llb
 
     llb.initialize_all_targets()
     try:
-        llb.Target.from_triple("aarch64-unknown-linux-gnu")
+        llb.Target.from_triple(triple)
         return True
     except RuntimeError:
         return False
+
+
+def _aarch64_target_available():
+    return _target_available("aarch64-unknown-linux-gnu")
+
+
+_X86 = pytest.mark.skipif(not _target_available("x86_64-unknown-linux-gnu"), reason="no X86 target in llvmlite")
 
 
 @pytest.mark.skipif(not _aarch64_target_available(), reason="llvmlite built without the AArch64 target")
@@ -434,10 +441,12 @@ def _x86_words(asm):
 
 
 @pytest.mark.parametrize("path, triple, cpu, needed", [
-    (g.PATH_VNNI, "x86_64-unknown-linux-gnu", "znver4", {"vpdpbusd", "vcvtdq2ps", "vmulps", "vaddps"}),
-    (g.PATH_VNNI, "x86_64-unknown-linux-gnu", "icelake-server", {"vpdpbusd", "vcvtdq2ps"}),
-    (g.PATH_PAIRS, "x86_64-unknown-linux-gnu", "haswell", {"vpmaddwd", "vcvtdq2ps"}),
-    (g.PATH_AVX2, "x86_64-unknown-linux-gnu", "haswell", {"vpmaddwd", "vpmovsxbw", "vpbroadcastq", "vcvtdq2ps"}),
+    pytest.param(g.PATH_VNNI, "x86_64-unknown-linux-gnu", "znver4", {"vpdpbusd", "vcvtdq2ps", "vmulps", "vaddps"},
+                 marks=_X86),
+    pytest.param(g.PATH_VNNI, "x86_64-unknown-linux-gnu", "icelake-server", {"vpdpbusd", "vcvtdq2ps"}, marks=_X86),
+    pytest.param(g.PATH_PAIRS, "x86_64-unknown-linux-gnu", "haswell", {"vpmaddwd", "vcvtdq2ps"}, marks=_X86),
+    pytest.param(g.PATH_AVX2, "x86_64-unknown-linux-gnu", "haswell",
+                 {"vpmaddwd", "vpmovsxbw", "vpbroadcastq", "vcvtdq2ps"}, marks=_X86),
     pytest.param(g.PATH_SDOT, "aarch64-unknown-linux-gnu", "cortex-a76", {"sdot", "scvtf", "fmul", "fadd"},
                  marks=pytest.mark.skipif(not _aarch64_target_available(), reason="no AArch64 target in llvmlite")),
 ])
