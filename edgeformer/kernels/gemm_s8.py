@@ -36,6 +36,11 @@ IR of a path is generated only inside the kernel specialised for it (`linear_s8_
   Compiling it for a CPU without AVX512-VNNI aborts the process (numba.md §1), so `vnni_available()`
   requires the host to report avx512vnni (+avx512bw/vl) AND NUMBA_CPU_NAME / NUMBA_CPU_FEATURES to be
   unset; the intrinsic's typing re-checks and raises a TypingError instead of ever emitting it.
+- PATH_SDOT: AArch64 dotprod `sdot` (activations flipped to a - 128, correction with zp - 128), only where
+  the CPU Numba compiles for has dotprod (`dotprod_available`).
+- PATH_AVX2 (x86-64 with AVX2, no VNNI; same gate as VNNI: host avx2 and no CPU override): activations
+  widened to int16 once per call (`widen_rows`), `llvm.x86.avx2.pmadd.wd` on 6 rows x 8 columns
+  (`_emit_avx2_sums`). Not `vpmaddubsw`: its int16 pair sums saturate for u8 x s8 (docs/QUANTIZATION.md).
 - PATH_PAIRS: portable IR: per (row, panel, half of 8 columns): zext(a) * sext(w) as <32 x i32>, then
   even + odd lanes (the pmaddwd pattern) accumulated in <16 x i32> pairs-of-k lanes, reduced at the
   end. x86 lowers it to vpmaddwd / vpdpwssd, aarch64 to smull/addp-style code. Compiles for any CPU.
