@@ -268,6 +268,40 @@ def _emit(context, builder, path, mr, npn, args, sig_args):
               zp_ptr, zp_off, cs_ptr, cs_off)
 
 
+def _open_k_loop(builder, k4, zero, count, name):
+    """Open the loop over k-groups g in [0, k4) with `count` accumulator phis starting at `zero`; the builder
+    is left in the loop body. Returns (g, accs, close): close(new_accs) adds the back edge with the updated
+    accumulators and leaves the builder after the loop, where accs hold the final sums."""
+    i64 = ir.IntType(64)
+    fn = builder.function
+    head = fn.append_basic_block(f"{name}_head")
+    body = fn.append_basic_block(f"{name}_body")
+    done = fn.append_basic_block(f"{name}_done")
+    pre = builder.block
+    builder.branch(head)
+    builder.position_at_end(head)
+    g = builder.phi(i64, "g")
+    g.add_incoming(ir.Constant(i64, 0), pre)
+    accs = []
+    for _ in range(count):
+        ph = builder.phi(zero.type)
+        ph.add_incoming(zero, pre)
+        accs.append(ph)
+    builder.cbranch(builder.icmp_signed("<", g, k4), body, done)
+    builder.position_at_end(body)
+
+    def close(new):
+        nxt = builder.add(g, ir.Constant(i64, 1))
+        end = builder.block
+        builder.branch(head)
+        g.add_incoming(nxt, end)
+        for ph, v in zip(accs, new):
+            ph.add_incoming(v, end)
+        builder.position_at_end(done)
+
+    return g, accs, close
+
+
 def emit_ptrs(builder, path, mr, npn, a_ptr, a_off, lda, b_ptr, b_off, pstride, k4, d_ptr, d_off, d_stride,
               zp_ptr, zp_off, cs_ptr, cs_off, f32_out=None):
     """The micro-kernel's IR on raw pointers (u8*, i8*, i32*, i32*, i32*) and i64 offsets/strides.
@@ -292,25 +326,9 @@ def emit_ptrs(builder, path, mr, npn, a_ptr, a_off, lda, b_ptr, b_off, pstride, 
         return
     nacc = mr * npn * {PATH_VNNI: 1, PATH_PAIRS: 2, PATH_SDOT: 4}[path]
 
-    fn = builder.function
-    head = fn.append_basic_block("s8_head")
-    body = fn.append_basic_block("s8_body")
-    done = fn.append_basic_block("s8_done")
-    pre = builder.block
     v4 = ir.VectorType(i32, 4)
     zero = ir.Constant(v4 if path == PATH_SDOT else v16, [0] * (4 if path == PATH_SDOT else 16))
-    builder.branch(head)
-    builder.position_at_end(head)
-    g = builder.phi(i64, "g")
-    g.add_incoming(c64(0), pre)
-    accs = []
-    for _ in range(nacc):
-        ph = builder.phi(zero.type)
-        ph.add_incoming(zero, pre)
-        accs.append(ph)
-    builder.cbranch(builder.icmp_signed("<", g, k4), body, done)
-
-    builder.position_at_end(body)
+    g, accs, close_loop = _open_k_loop(builder, k4, zero, nacc, "s8")
     aoff = builder.mul(g, c64(KG))
     boff = builder.mul(g, c64(NR * KG))
     new = []
@@ -374,14 +392,7 @@ def emit_ptrs(builder, path, mr, npn, a_ptr, a_off, lda, b_ptr, b_off, pstride, 
                     s = builder.add(builder.shuffle_vector(prod, prod, even), builder.shuffle_vector(prod, prod, odd))
                     idx = (i * npn + j) * 2 + h
                     new.append(builder.add(accs[idx], s))
-    nxt = builder.add(g, c64(1))
-    end = builder.block
-    builder.branch(head)
-    g.add_incoming(nxt, end)
-    for ph, v in zip(accs, new):
-        ph.add_incoming(v, end)
-
-    builder.position_at_end(done)
+    close_loop(new)
     sums = []  # (mr * npn) <16 x i32>: sum_k a*w of row i, panel j
     if path == PATH_PAIRS:
         # lanes (2c, 2c+1) of half h hold column 8h + c over k pairs (0,1) and (2,3): add them
@@ -426,22 +437,7 @@ def _emit_avx2_sums(builder, mr, npn, a_rows, b_panels, k4):
     halves = {}  # (j, h) -> [2*mr accumulators]
     for j in range(npn):
         for h in range(2):
-            fn = builder.function
-            head = fn.append_basic_block("avx2_head")
-            body = fn.append_basic_block("avx2_body")
-            done = fn.append_basic_block("avx2_done")
-            pre = builder.block
-            builder.branch(head)
-            builder.position_at_end(head)
-            g = builder.phi(i64, "g")
-            g.add_incoming(c64(0), pre)
-            accs = []
-            for _ in range(2 * mr):
-                ph = builder.phi(v8)
-                ph.add_incoming(zero, pre)
-                accs.append(ph)
-            builder.cbranch(builder.icmp_signed("<", g, k4), body, done)
-            builder.position_at_end(body)
+            g, accs, close_loop = _open_k_loop(builder, k4, zero, 2 * mr, "avx2")
             boff = builder.add(builder.mul(g, c64(NR * KG)), c64(32 * h))
             bw = [builder.sext(builder.load(builder.bitcast(builder.gep(b_panels[j], [builder.add(boff, c64(16 * q))]),
                                                           v16i8.as_pointer()), align=1), v16i16)
@@ -453,13 +449,7 @@ def _emit_avx2_sums(builder, mr, npn, a_rows, b_panels, k4):
                 av = builder.shuffle_vector(four, ir.Constant(v4i16, ir.Undefined), rep4)  # (a0..a3) x 4
                 for q in range(2):
                     new.append(builder.add(accs[2 * i + q], builder.call(madd, [av, bw[q]])))
-            nxt = builder.add(g, c64(1))
-            end = builder.block
-            builder.branch(head)
-            g.add_incoming(nxt, end)
-            for ph, v in zip(accs, new):
-                ph.add_incoming(v, end)
-            builder.position_at_end(done)
+            close_loop(new)
             halves[(j, h)] = accs
     # lanes (2c, 2c+1) of accumulator q hold column 4q + c over k pairs (0,1), (2,3): add them
     even = ir.Constant(ir.VectorType(i32, 8), list(range(0, 16, 2)))
@@ -540,6 +530,13 @@ def _check_path(pv):
         raise TypingError(f"unknown int8 path {pv}")
 
 
+def _typed_path(path, mr):
+    """(path, mr, NP) of a micro-kernel call whose path and mr are literals, after the CPU guard."""
+    pv = path.literal_value
+    _check_path(pv)
+    return pv, mr.literal_value, path_blocking(pv)[1]
+
+
 @intrinsic
 def _micro_s8(typingctx, path, mr, a, a_off, lda, b, b_off, pstride, k4, d, d_off, d_stride, zp, zp_off, cs, cs_off):
     """d[d_off + i*d_stride + c] = sum_g sum_j a[a_off + i*lda + 4g + j] * B[panel c//16, g, (c%16)*4 + j]
@@ -548,9 +545,7 @@ def _micro_s8(typingctx, path, mr, a, a_off, lda, b, b_off, pstride, k4, d, d_of
     cs_off). path and mr must be literals."""
     if not isinstance(path, types.IntegerLiteral) or not isinstance(mr, types.IntegerLiteral):
         return None
-    pv, mv = path.literal_value, mr.literal_value
-    _check_path(pv)
-    npn = path_blocking(pv)[1]
+    pv, mv, npn = _typed_path(path, mr)
     ip = types.intp
     sig = types.void(path, mr, a, ip, ip, b, ip, ip, ip, d, ip, ip, zp, ip, cs, ip)
 
@@ -569,9 +564,7 @@ def _micro_s8_f32(typingctx, path, mr, a, a_off, lda, b, b_off, pstride, k4, out
     bias); acc as in _micro_s8 (zp[zp_off + i], cs[col0 + c]). out float32 with unit column stride."""
     if not isinstance(path, types.IntegerLiteral) or not isinstance(mr, types.IntegerLiteral):
         return None
-    pv, mv = path.literal_value, mr.literal_value
-    _check_path(pv)
-    npn = path_blocking(pv)[1]
+    pv, mv, npn = _typed_path(path, mr)
     ip = types.intp
     sig = types.void(path, mr, a, ip, ip, b, ip, ip, ip, out, ip, ip, zp, ip, cs, ip, ws, sa, bias)
 
