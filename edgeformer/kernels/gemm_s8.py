@@ -52,7 +52,7 @@ groups (NP panels of B, in L1 while the chunk's row blocks pass), then blocks of
 stores float32 straight into the output; only edge blocks go through an int32 tile. Activation and
 residual follow in one pass over each chunk's rows. (Before, every 4 x 16 tile went through an int32
 buffer and short per-tile float loops: on a Zen 3 core that epilogue took as long as 60 % of the
-multiply-adds; the fused store made the pairs path's linears of MiniLM 1.4-2x faster.)
+multiply-adds in a scratch measurement; bench/gemm_s8_paths.py measures the paths as they are now.)
 """
 import os
 
