@@ -13,7 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
-from edgeformer import blas
+from edgeformer import blas, llvm_pages
 from edgeformer.batch import Batch
 from edgeformer.errors import InputError, ModelFileError
 from edgeformer.format import read_model
@@ -56,6 +56,7 @@ class Model:
         self._packed = "ids" in self._kinds.values()
         self._tokens_input = next((s["name"] for s in graph.inputs if s.get("tokens_per_item") is not None), None)
         self._text = None
+        self._first_run_done = False  # until then, LLVM's pages are released after every step
 
     def _input_spec(self, spec):
         if self._kinds[spec["name"]] == "dense":
@@ -139,6 +140,10 @@ class Model:
             for value in node.inputs:
                 if self._last_use.get(value) == index:
                     env.pop(value, None)
+            if not self._first_run_done:  # kernels load step by step: do not let LLVM and weights add up
+                llvm_pages.release_if_new_kernels()
+        self._first_run_done = True
+        llvm_pages.release_if_new_kernels()
         return {name: batch.unpack(env[name]) if self._types[name].kind == TOKENS else env[name]
                 for name in wanted}
 
@@ -327,4 +332,6 @@ def load(path, threads: int | None = None) -> Model:
         raise ModelFileError(f"graph is not valid JSON: {exc}") from None
     blas.import_cython_blas()
     blas.pin_blas_to_one_thread()
-    return Model(model_file, graph, threads)
+    model = Model(model_file, graph, threads)
+    llvm_pages.release_if_new_kernels()  # the first call also drops what `import numba` touched
+    return model

@@ -7,12 +7,24 @@ import numba
 
 from edgeformer._cache import CACHE_ENABLED
 
+# Every dispatcher made by kernel(): their specialisation count tells the session when Numba has
+# loaded or compiled something new (edgeformer/llvm_pages.py gives LLVM's code pages back then).
+KERNELS: list = []
+
+
+def loaded_specialisations() -> int:
+    """How many (kernel, signature) pairs are compiled or loaded in this process."""
+    return sum(len(dispatcher.overloads) for dispatcher in KERNELS)
+
 
 def kernel(fn=None, *, fastmath=False, inline="never"):
     """@kernel or @kernel(fastmath=...): a serial, GIL-free, cached Numba function."""
 
     def wrap(f):
-        return numba.njit(cache=CACHE_ENABLED, nogil=True, error_model="numpy", fastmath=fastmath, inline=inline)(f)
+        dispatcher = numba.njit(cache=CACHE_ENABLED, nogil=True, error_model="numpy", fastmath=fastmath,
+                                inline=inline)(f)
+        KERNELS.append(dispatcher)
+        return dispatcher
 
     return wrap(fn) if fn is not None else wrap
 
