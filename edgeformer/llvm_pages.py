@@ -12,7 +12,8 @@ no anonymous (copy-on-write) pages, so every page dropped is a clean, unmodified
 The next use of LLVM (another kernel load or compile) faults the same bytes back in from the page
 cache. Only RSS changes (docs/PERFORMANCE.md "Peak memory"), never results.
 
-Linux only (elsewhere a no-op). ``EDGEFORMER_KEEP_LLVM_PAGES=1`` turns it off.
+Linux only (elsewhere a no-op; under qemu-user too, which shows translated guest code as r--p).
+``EDGEFORMER_KEEP_LLVM_PAGES=1`` turns it off.
 """
 from __future__ import annotations
 
@@ -38,23 +39,36 @@ def _library_name() -> str:
 
 def text_ranges() -> list[tuple[int, int]]:
     """(start, end) of llvmlite's executable mappings that hold no copy-on-write pages."""
-    name = _library_name()
-    ranges, anonymous, current = [], {}, None
     try:
         with open("/proc/self/smaps") as smaps:
-            for line in smaps:
-                fields = line.split()
-                if not fields[0].endswith(":"):  # a mapping's header: range perms offset dev inode [path]
-                    current = None
-                    if len(fields) >= 6 and fields[1] == "r-xp" and os.path.basename(fields[5]) == name:
-                        start, end = (int(x, 16) for x in fields[0].split("-"))
-                        current = (start, end)
-                        ranges.append(current)
-                elif current is not None and fields[0] == "Anonymous:":
-                    anonymous[current] = int(fields[1])
-    except (OSError, ValueError, IndexError):
+            return parse_text_ranges(smaps, _library_name())
+    except OSError:
         return []
-    return [r for r in ranges if anonymous.get(r, 0) == 0]
+
+
+def parse_text_ranges(smaps_lines, name: str) -> list[tuple[int, int]]:
+    """The r-xp mappings of the file ``name`` in /proc/<pid>/smaps text whose Anonymous size is 0.
+
+    A mapping without an Anonymous line counts as having anonymous pages (never released). Under
+    qemu-user the guest's translated code shows as r--p, so nothing is found and release() does nothing.
+    """
+    ranges, anonymous, current = [], {}, None
+    try:
+        for line in smaps_lines:
+            fields = line.split()
+            if not fields:
+                continue
+            if not fields[0].endswith(":"):  # a mapping's header: range perms offset dev inode [path]
+                current = None
+                if len(fields) >= 6 and fields[1] == "r-xp" and os.path.basename(fields[5]) == name:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    current = (start, end)
+                    ranges.append(current)
+            elif current is not None and fields[0] == "Anonymous:":
+                anonymous[current] = int(fields[1])
+    except (ValueError, IndexError):
+        return []
+    return [r for r in ranges if anonymous.get(r, 1) == 0]
 
 
 def _madvise():
