@@ -10,9 +10,10 @@ after each step of a model's first run and after every later run, unmaps those p
 Why this is safe: only the library's executable mapping (``r-xp``) is released, and only if it holds
 no anonymous (copy-on-write) pages, so every page dropped is a clean, unmodified page of the file.
 The next use of LLVM (another kernel load or compile) faults the same bytes back in from the page
-cache. Only RSS changes (docs/PERFORMANCE.md "Peak memory"), never results.
+cache. Only RSS changes (docs/PERFORMANCE.md "Peak RSS"), never results.
 
-Linux only (elsewhere a no-op; under qemu-user too, which shows translated guest code as r--p).
+Linux only (elsewhere a no-op; under qemu-user too: its /proc/self/smaps is the host's view of the
+emulator, where the guest code it translates is mapped r--p).
 ``EDGEFORMER_KEEP_LLVM_PAGES=1`` turns it off.
 """
 from __future__ import annotations
@@ -49,8 +50,7 @@ def text_ranges() -> list[tuple[int, int]]:
 def parse_text_ranges(smaps_lines, name: str) -> list[tuple[int, int]]:
     """The r-xp mappings of the file ``name`` in /proc/<pid>/smaps text whose Anonymous size is 0.
 
-    A mapping without an Anonymous line counts as having anonymous pages (never released). Under
-    qemu-user the guest's translated code shows as r--p, so nothing is found and release() does nothing.
+    A mapping without an Anonymous line counts as having anonymous pages (never released).
     """
     ranges, anonymous, current = [], {}, None
     try:

@@ -19,16 +19,19 @@ LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise
 
 
 def _skip_unless_code_is_executable_mapping():
-    """On a native kernel libllvmlite's code is an r-xp mapping. qemu-user (the aarch64 CI stage) shows
-    the guest code it has translated as r--p, so text_ranges() finds nothing and release() is a no-op."""
+    """On a native kernel /proc/self/smaps shows libllvmlite's code as an r-xp mapping. Under qemu-user
+    (the aarch64 CI stage) /proc/self/smaps is the host's view of the emulator, where the guest code it
+    translates is mapped r--p: text_ranges() finds nothing there and release() is a no-op."""
     import numba
     from llvmlite.binding import ffi
 
     numba.njit(lambda v: v + 1)(1)  # LLVM has run in this process
     name = os.path.basename(ffi.get_library_name())
-    perms = [line.split()[1] for line in open("/proc/self/maps") if line.rstrip().endswith("/" + name)]
-    if not any("x" in p for p in perms):
-        pytest.skip(f"{name} has no executable mapping here ({sorted(set(perms))}): emulated, e.g. qemu-user")
+    perms = [fields[1] for fields in (line.split() for line in open("/proc/self/smaps"))
+             if len(fields) >= 6 and not fields[0].endswith(":") and os.path.basename(fields[5]) == name]
+    if "r-xp" not in perms:
+        pytest.skip(f"{name} has no r-xp mapping in /proc/self/smaps ({sorted(set(perms))}): emulated, "
+                    "e.g. qemu-user")
 
 
 SCRIPT = r"""
