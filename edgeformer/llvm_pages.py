@@ -14,7 +14,7 @@ cache. Only RSS changes (docs/PERFORMANCE.md "Peak RSS"), never results.
 
 Linux only (elsewhere a no-op; under qemu-user too: its /proc/self/smaps is the host's view of the
 emulator, where the guest code it translates is mapped r--p).
-``EDGEFORMER_KEEP_LLVM_PAGES=1`` turns it off.
+``EDGEFORMER_KEEP_LLVM_PAGES=1`` (read when edgeformer is imported) turns it off.
 """
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ QUERY_BLOCK = 64
 KEY_BLOCK = 256
 # A non-causal sequence of at most SHORT tokens is one query block: half the BLAS calls per head, and the
 # (L, L) tile is no larger than a QUERY_BLOCK x KEY_BLOCK one (9 % less attention time at L = 100-128 on
-# Zen 3, scratch measurement of the kernel alone). Causal sequences keep 64-row blocks: their first block then needs only its own 64 keys.
+# Zen 3, scratch measurement of the kernel alone). Causal sequences keep 64-row blocks: their first block
+# then needs only its own 64 keys.
 SHORT = 128
 
 _ONE = np.float32(1.0)

@@ -282,8 +282,8 @@ def _micro(mr, npn, a, a_off, b, b_off, pstride, k, bias, bias_off, use_bias, d,
 
 # ---- driver -------------------------------------------------------------------------------------
 
-# contract: the activations' polynomials (GELU's rational erf) become FMAs, ~10 % of an up-projection
-# with GELU on Zen 3; the micro-kernel's own FMAs are explicit (llvm.fmuladd) either way.
+# contract: the activations' polynomials (GELU's rational erf) become FMAs (GELU loop 2.70 -> 1.97 cycles
+# per element on Zen 3, scratch measurement); the micro-kernel's own FMAs are explicit (llvm.fmuladd).
 @kernel(fastmath={"contract"})
 def linear_packed_f32(x, wp, n_out, bias, residual, act, out, r0, r1, p0, p1):
     """out[r0:r1, cols of panels p0:p1] = act(x[r0:r1] @ W^T + bias) + residual (columns >= n_out untouched).

@@ -783,8 +783,10 @@ def _scale_tile(tile, width, mrb, b0, col0, ncol, sa, ws, bias, out, raw):
             o[j] = (np.float32(t[j]) * w[j]) * s + bb[j]
 
 
-@kernel(fastmath={"contract"})  # its own function: contract turns the GELU / tanh polynomials into FMAs
-def _act_residual(out, residual, act, c0, c1, col_lo, col_hi):  # without touching the exact scaling above
+# A kernel of its own, not an inlined helper: `contract` turns the GELU / tanh polynomials into FMAs here
+# without touching the exact int32 -> float32 scaling of the driver.
+@kernel(fastmath={"contract"})
+def _act_residual(out, residual, act, c0, c1, col_lo, col_hi):
     """out[c0:c1, col_lo:col_hi] = act(out) + residual, one pass over whole rows (long contiguous loops that
     vectorise; the rows were just written and are still in L2)."""
     has_res = residual.shape[0] != 0
