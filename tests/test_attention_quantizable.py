@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from edgeformer.errors import GraphError
 from edgeformer.kernels.attention import attention_softmax
+from tests.test_attention import tolerance as attention_tolerance
 from edgeformer.kernels.attention_clipped import attention_clipped_softmax, attention_gate
 from edgeformer.reference.attention import (attention_gate_ref, attention_ref, clipped_probs_ref,
                                             packed_attention_ref, packed_gated_attention_ref, unpack_qkv)
@@ -165,7 +166,9 @@ def test_gamma_zero_zeta_one_is_softmax():
         got = run_clipped(qkv, cu, 2, 8, 0.4, causal, 0.0, 1.0)
         soft = np.zeros_like(got)
         attention_softmax(qkv, cu, 2, 8, 0.4, causal, soft, 0, 8)
-        np.testing.assert_allclose(got, soft, rtol=1e-5, atol=1e-6)
+        # two float32 kernels that round differently (normalise before / after P V): each is within the
+        # attention tolerance of the float64 reference, so they differ by at most twice that
+        np.testing.assert_array_less(np.abs(got - soft), 2 * attention_tolerance(qkv, cu, 2, 8, 0.4))
     # the reference: bit for bit
     q, k, v, mask = unpack_qkv(qkv, cu, 2, 8)
     assert np.array_equal(attention_ref(q, k, v, mask, 0.4, True, 0.0, 1.0), attention_ref(q, k, v, mask, 0.4, True))

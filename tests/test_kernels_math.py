@@ -16,7 +16,7 @@ from edgeformer.kernels import mathfn
 from edgeformer.kernels._jit import kernel
 from edgeformer.kernels.linear import activation
 from edgeformer.kernels.mathfn import (ACT_GELU_ERF, ACT_GELU_TANH, ACT_NONE, ACT_RELU, apply_act, erf_f32, exp_f32,
-                                       gelu_erf, gelu_tanh, relu, tanh_f32)
+                                       exp_nonpos, gelu_erf, gelu_tanh, relu, tanh_f32)
 from edgeformer.reference import activation as ref
 from tests.optional import F, requires_torch, torch
 
@@ -27,7 +27,7 @@ SPECIAL = np.array([np.nan, np.inf, -np.inf, 1e30, -1e30, 3e38, -3e38, 0.0, -0.0
                     FLT_MIN, -FLT_MIN, 1e-20, -1e-20, 1.0, -1.0, 88.72, 88.73, -87.3, -87.4, -103.9, -200.0],
                    dtype=F32)
 
-FN_EXP, FN_ERF, FN_TANH, FN_RELU, FN_GELU_ERF, FN_GELU_TANH = range(6)
+FN_EXP, FN_ERF, FN_TANH, FN_RELU, FN_GELU_ERF, FN_GELU_TANH, FN_EXP_NONPOS = range(7)
 ORACLE = {FN_EXP: ref.exp_ref, FN_ERF: ref.erf_ref, FN_TANH: ref.tanh_ref, FN_RELU: ref.relu,
           FN_GELU_ERF: ref.gelu_erf, FN_GELU_TANH: ref.gelu_tanh}
 
@@ -51,6 +51,9 @@ def _map(fn, x, out):
     elif fn == FN_GELU_ERF:
         for i in range(n):
             out[i] = gelu_erf(x[i])
+    elif fn == FN_EXP_NONPOS:
+        for i in range(n):
+            out[i] = exp_nonpos(x[i])
     else:
         for i in range(n):
             out[i] = gelu_tanh(x[i])
@@ -104,6 +107,28 @@ def test_exp_accuracy():
         assert np.all(y[r > FLT_MAX] == np.inf)
         # results below FLT_MIN are flushed to zero (documented): absolute error below FLT_MIN
         assert np.all(y[r < FLT_MIN] <= FLT_MIN) and np.all(y >= 0)
+
+
+
+def test_exp_nonpos_is_exp_on_nonpositive_inputs():
+    """exp_nonpos (softmax's exp(s - max)) scales by 2**n in one multiply instead of two: for x <= 0 both
+    products are exact powers-of-two scalings of the same polynomial, so it equals exp_f32 bit for bit."""
+    x = np.concatenate([DENSE[FN_EXP][DENSE[FN_EXP] <= 0], -np.abs(random_finite_floats(300_000, 12)),
+                        np.array([0.0, -0.0, -1e-45, -FLT_MIN, -87.33654, -87.33655, -87.3, -87.4, -200.0], F32)])
+    y = run(FN_EXP_NONPOS, x)
+    np.testing.assert_array_equal(y, run(FN_EXP, x))
+    r = ref.exp_ref(x)
+    _, re_ = errors(y, r)
+    assert re_[r >= FLT_MIN].max() <= 1.5e-7
+    assert np.all(y[r < FLT_MIN] <= FLT_MIN) and np.all(y >= 0) and np.all(y <= 1)
+
+
+def test_exp_nonpos_special_values():
+    x = np.array([np.nan, -np.inf, np.inf, 1e30, 3.5, 0.0, -0.0, -1e30, -3e38], F32)
+    y = run(FN_EXP_NONPOS, x)
+    assert np.isnan(y[0]) and y[1] == 0.0  # NaN propagates, exp(-inf) = 0
+    np.testing.assert_array_equal(y[2:7], 1.0)  # positive inputs are clamped to 0 (documented)
+    np.testing.assert_array_equal(y[7:], 0.0)
 
 
 def test_erf_accuracy():
@@ -292,7 +317,7 @@ PACKED = re.compile(r"\bv(?:mul|fmadd\d*|fnmadd\d*|div|add)ps\s[^\n]*%[yz]mm")
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 assembly check")
-@pytest.mark.parametrize("fn", ["exp_f32", "erf_f32", "tanh_f32", "gelu_erf", "gelu_tanh"])
+@pytest.mark.parametrize("fn", ["exp_f32", "exp_nonpos", "erf_f32", "tanh_f32", "gelu_erf", "gelu_tanh"])
 def test_helpers_vectorise(fn):
     f = getattr(mathfn, fn)
 

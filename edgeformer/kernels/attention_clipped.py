@@ -15,8 +15,8 @@ Why not the online softmax: the clip needs the *final* normaliser of the row bef
 so each query block first needs its row max and sum over all keys. Instead of recomputing the score
 tiles in a second pass, the kernel keeps the scores of one query block against all of its keys, a
 (QUERY_BLOCK, L) strip (256 bytes per key, 128 KiB at L = 512; the only scratch that grows with L):
-one BLAS call fills it, a row pass takes max and sum of exp, a second row pass turns it into p', and
-P' V is one BLAS call. Exact zeros are exploited: key columns that are zero for every row of the block
+one BLAS call on the heads' slices of qkv in place (kernels/sgemm.py) fills it, a row pass takes max and sum of exp, a second row pass turns it into p', and
+P' V is one BLAS call that writes the output rows directly. Exact zeros are exploited: key columns that are zero for every row of the block
 are dropped (the non-zero columns of P' and rows of V are gathered) when fewer than SPARSE_FRACTION of
 the keys survive, so P' V costs m * nnz * dh instead of m * L * dh; a block with no non-zero p' writes
 zeros without touching V.
@@ -30,8 +30,10 @@ z << 0 gives exp overflow to inf and a gate of exactly 0; z >> 0 gives exactly 1
 import numpy as np
 
 from edgeformer.kernels._jit import kernel
-from edgeformer.kernels.attention import QUERY_BLOCK, _add_reassoc, _max_nonan
-from edgeformer.kernels.mathfn import exp_f32
+from edgeformer.kernels.attention import QUERY_BLOCK
+from edgeformer.kernels.reduce import add_reassoc, max_nonan
+from edgeformer.kernels.mathfn import exp_f32, exp_nonpos
+from edgeformer.kernels.sgemm import TRANS_N, TRANS_T, sgemm
 
 SPARSE_FRACTION = 0.5  # gather the non-zero key columns when fewer than this fraction survive the clip
 
@@ -44,8 +46,8 @@ def attention_clipped_softmax(qkv, cu_seqlens, num_heads, head_dim, scale, causa
     """out[tokens of b, h*dh:(h+1)*dh] = clipped_softmax(scale * Q K^T [+ causal mask]; gamma, zeta) V
     for work items w = b*H + h in [w0, w1).
 
-    qkv (T, 3*H*dh) float32 C; cu_seqlens (B+1,) int64 non-decreasing; out (T, H*dh) float32 C;
-    num_heads, head_dim, w0, w1 int64; scale, gamma (<= 0), zeta (>= 1) float64; causal bool. Writes
+    qkv (T, 3*H*dh) float32 with unit column stride; cu_seqlens (B+1,) int64 non-decreasing; out (T, H*dh)
+    float32 with unit column stride; num_heads, head_dim, w0, w1 int64; scale, gamma (<= 0), zeta (>= 1) float64; causal bool. Writes
     only the rows/columns of the items in [w0, w1). Inputs must be finite.
     """
     if w1 <= w0:
@@ -63,13 +65,11 @@ def attention_clipped_softmax(qkv, cu_seqlens, num_heads, head_dim, scale, causa
     sc = np.float32(scale)
     stretch = np.float32(zeta - gamma)  # zeta - gamma >= 1
     shift = np.float32(gamma)
-    qs = np.empty((maxlen, dh), np.float32)  # (L, dh) scaled Q of one (sequence, head)
-    ks = np.empty((maxlen, dh), np.float32)  # (L, dh)
-    vs = np.empty((maxlen, dh), np.float32)  # (L, dh)
+    ld = qkv.strides[0] // 4  # row strides (elements): BLAS reads the heads' slices in place
+    ldo = out.strides[0] // 4
     strip_buf = np.empty(QUERY_BLOCK * maxlen, np.float32)  # one (m, n) score / probability strip
     gather_buf = np.empty(QUERY_BLOCK * maxlen, np.float32)  # (m, nnz) non-zero columns of the strip
     vg_buf = np.empty(maxlen * dh, np.float32)  # (nnz, dh) the matching rows of V
-    pv_buf = np.empty(QUERY_BLOCK * dh, np.float32)  # (m, dh) P' V of one query block
     live = np.empty(maxlen, np.bool_)  # (n,) key column has a non-zero p' in some row of the block
     cols = np.empty(maxlen, np.int64)  # (nnz,) indices of those columns
 
@@ -80,25 +80,18 @@ def attention_clipped_softmax(qkv, cu_seqlens, num_heads, head_dim, scale, causa
         L = cu_seqlens[b + 1] - t0
         if L <= 0:
             continue
-        qc = h * dh
-        kc = D + h * dh
+        q_off = t0 * ld + h * dh  # element offsets of the head's Q, K, V slices
+        k_off = q_off + D
+        v_off = q_off + 2 * D
         vc = 2 * D + h * dh
-        for i in range(L):
-            q_src = qkv[t0 + i, qc : qc + dh]  # (dh,)
-            k_src = qkv[t0 + i, kc : kc + dh]  # (dh,)
-            v_src = qkv[t0 + i, vc : vc + dh]  # (dh,)
-            for c in range(dh):
-                qs[i, c] = q_src[c] * sc
-            for c in range(dh):
-                ks[i, c] = k_src[c]
-            for c in range(dh):
-                vs[i, c] = v_src[c]
 
         for i0 in range(0, L, QUERY_BLOCK):
             m = min(QUERY_BLOCK, L - i0)
             n = i0 + m if causal else L  # keys at or after n are masked for every row of the block
+            o_off = (t0 + i0) * ldo + h * dh
             s = strip_buf[: m * n].reshape((m, n))  # (m, n) scores, then clipped probabilities
-            np.dot(qs[i0 : i0 + m], ks[:n].T, s)
+            # S = scale * Q[i0:i0+m] K[:n]^T (row-major (m, n) = column-major (n, m) = K Q^T)
+            sgemm(TRANS_T, TRANS_N, n, m, dh, sc, qkv, k_off, ld, qkv, q_off + i0 * ld, ld, strip_buf, 0, n)
             for c in range(n):
                 live[c] = False
             for r in range(m):
@@ -106,12 +99,12 @@ def attention_clipped_softmax(qkv, cu_seqlens, num_heads, head_dim, scale, causa
                 nv = min(n, i0 + r + 1) if causal else n  # this row's allowed keys: 0..nv-1
                 mx = s_row[0]
                 for c in range(1, nv):
-                    mx = _max_nonan(mx, s_row[c])
+                    mx = max_nonan(mx, s_row[c])
                 total = _ZERO
                 for c in range(nv):
-                    e = exp_f32(s_row[c] - mx)
+                    e = exp_nonpos(s_row[c] - mx)
                     s_row[c] = e
-                    total = _add_reassoc(total, e)
+                    total = add_reassoc(total, e)
                 inv = _ONE / total  # total >= 1: the max contributes exp(0) = 1
                 for c in range(nv):
                     p = stretch * (s_row[c] * inv) + shift
@@ -128,11 +121,12 @@ def attention_clipped_softmax(qkv, cu_seqlens, num_heads, head_dim, scale, causa
                 if live[c]:
                     cols[nnz] = c
                     nnz += 1
-            pv = pv_buf[: m * dh].reshape((m, dh))  # (m, dh)
+            # O = P' V straight into out (row-major (m, dh) = column-major (dh, m) = V^T P'^T)
             if nnz == 0:
                 for r in range(m):
+                    o_dst = out[t0 + i0 + r, h * dh : h * dh + dh]  # (dh,)
                     for c in range(dh):
-                        pv[r, c] = 0.0
+                        o_dst[c] = 0.0
             elif nnz < SPARSE_FRACTION * n:
                 pg = gather_buf[: m * nnz].reshape((m, nnz))  # (m, nnz)
                 vg = vg_buf[: nnz * dh].reshape((nnz, dh))  # (nnz, dh)
@@ -142,16 +136,12 @@ def attention_clipped_softmax(qkv, cu_seqlens, num_heads, head_dim, scale, causa
                     for j in range(nnz):
                         pg_row[j] = s_row[cols[j]]
                 for j in range(nnz):
-                    v_row = vs[cols[j]]
+                    v_row = qkv[t0 + cols[j], vc : vc + dh]  # (dh,)
                     for c in range(dh):
                         vg[j, c] = v_row[c]
-                np.dot(pg, vg, pv)
+                sgemm(TRANS_N, TRANS_N, dh, m, nnz, _ONE, vg_buf, 0, dh, gather_buf, 0, nnz, out, o_off, ldo)
             else:
-                np.dot(s, vs[:n], pv)
-            for r in range(m):
-                o_dst = out[t0 + i0 + r, qc : qc + dh]  # (dh,)
-                for c in range(dh):
-                    o_dst[c] = pv[r, c]
+                sgemm(TRANS_N, TRANS_N, dh, m, n, _ONE, qkv, v_off, ld, strip_buf, 0, n, out, o_off, ldo)
 
 
 @kernel
@@ -176,7 +166,7 @@ def attention_gate(x, gate_w, gate_b, all_heads, gate_scale, cu_seqlens, num_hea
             x_src = x[t, x0 : x0 + width]  # (width,)
             z = _ZERO
             for c in range(width):
-                z = _add_reassoc(z, x_src[c] * wh[c])
+                z = add_reassoc(z, x_src[c] * wh[c])
             z = z + bias
             g = gs / (_ONE + exp_f32(-z))  # exp overflow (z < -89) -> inf -> gate exactly 0
             o_dst = out[t, h * dh : (h + 1) * dh]  # (dh,)

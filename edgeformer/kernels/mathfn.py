@@ -86,6 +86,26 @@ def exp_f32(x):
     return _ZERO if under else e
 
 
+@helper
+def exp_nonpos(x):
+    """exp(min(x, 0)) for float32 x: softmax's exp(s - max). NaN -> NaN, -inf -> 0, results < FLT_MIN -> 0.
+
+    exp_f32 without the overflow side: n = round(x * log2e) lies in [-126, 0], so 2**n is one exponent
+    field (one multiply instead of two) and there is no upper clamp to test. Same polynomial, same error."""
+    under = x < _EXP_LO
+    x = _ZERO if x > _ZERO else x
+    x = _EXP_LO if x < _EXP_LO else x
+    t = x * _LOG2E + _ROUND_MAGIC
+    n = t - _ROUND_MAGIC
+    i = np.int32(viewer(t, np.int32) - _ROUND_MAGIC_BITS)
+    r = x - n * _LN2_HI
+    r = r - n * _LN2_LO
+    z = r * r
+    p = (((((_EP0 * r + _EP1) * r + _EP2) * r + _EP3) * r + _EP4) * r + _EP5) * z + r + _ONE
+    e = p * viewer(np.int32((i + 127) << 23), np.float32)
+    return _ZERO if under else e
+
+
 # ---- erf ------------------------------------------------------------------------------------------
 # |x| < 1: erf(x) = x * P(x^2), P of degree 6 fitted (weighted least squares on Chebyshev nodes,
 # float64, then rounded to float32) to erf(x)/x on [0, 1]: fit error 1.2e-9, so the float32 rounding

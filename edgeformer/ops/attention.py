@@ -117,7 +117,7 @@ class Attention:
         takes_layer_input = getattr(kind, "layer_input_width", None) is not None
 
         def run(inputs, batch, workers):
-            qkv = inputs[0]
+            qkv = np.ascontiguousarray(inputs[0], dtype=np.float32)  # kernels hand BLAS unit-stride rows
             out = np.empty((qkv.shape[0], width), dtype=np.float32)  # (T, H*dh)
             if takes_layer_input:
                 kind(qkv, batch, out, workers, inputs[1])
