@@ -1,10 +1,12 @@
 """Row normalisations: layer_norm (with an optional fused residual add) and l2_normalize.
 
-Statistics are accumulated in float64 over float32 data, two passes (mean, then the sum of squared
-deviations), so rows with a large mean relative to their spread keep their precision, and squares
-of large float32 values cannot overflow. fastmath={"reassoc", "contract"} lets LLVM vectorise those
-reductions (a strict left-to-right float sum cannot be); it leaves out nnan/ninf, so NaN and inf
-still propagate as IEEE says.
+layer_norm: the statistics are accumulated in float64 over float32 data in one pass (sum and sum of
+squares; the variance's relative error is ~n eps64 (mean^2 / var + 1), under 1e-7 while |mean| / std <=
+1e4, and squares of large float32 values cannot overflow); the output pass runs in float32 with the mean
+split into two floats, so a large mean does not cost the deviations their precision. Its sums vectorise
+through kernels/reduce.add_reassoc (reassociation on those adds only: a kernel-wide flag could regroup
+(y - hi) - lo); l2_normalize uses fastmath={"reassoc", "contract"} for the same purpose. Neither sets
+nnan/ninf, so NaN and inf still propagate as IEEE says.
 
 Aliasing: `out` may be `x` (in place). A loop reading `x` and writing `out` gets an LLVM runtime
 overlap check that falls back to scalar code when they are the same buffer, so the in-place case
@@ -13,6 +15,7 @@ passes one row view as both source and destination.
 import numpy as np
 
 from edgeformer.kernels._jit import helper, kernel
+from edgeformer.kernels.reduce import add_reassoc
 
 _REDUCE = {"reassoc", "contract"}
 
@@ -22,32 +25,36 @@ def _layer_norm_row(src, res, has_res, gamma, beta, eps, dst):
     """dst = (y - mean(y)) / sqrt(var(y) + eps) * gamma + beta with y = src (+ res); 1-D rows."""
     n = src.shape[0]
     s = 0.0
+    q = 0.0
     if has_res:
         for j in range(n):
-            s += np.float32(src[j] + res[j])
+            y = np.float64(np.float32(src[j] + res[j]))
+            s = add_reassoc(s, y)
+            q = add_reassoc(q, y * y)
     else:
         for j in range(n):
-            s += src[j]
+            y = np.float64(src[j])
+            s = add_reassoc(s, y)
+            q = add_reassoc(q, y * y)
     mean = s / n
-    v = 0.0
+    var = q / n - mean * mean  # biased variance, as torch; float64 error ~ n eps64 (mean^2 / var + 1)
+    var = 0.0 if var < 0.0 else var  # rounding can take a constant row's variance just below 0
+    rstd = np.float32(1.0 / np.sqrt(var + eps))
+    # y - mean in float32 without losing the mean's low bits: mean = hi + lo, (y - hi) is exact when y is
+    # near the mean (Sterbenz), and lo carries what float32 cannot hold of a large mean
+    hi = np.float32(mean)
+    lo = np.float32(mean - np.float64(hi))
     if has_res:
         for j in range(n):
-            d = np.float32(src[j] + res[j]) - mean
-            v += d * d
+            y = src[j] + res[j]
+            dst[j] = (((y - hi) - lo) * rstd) * gamma[j] + beta[j]
     else:
         for j in range(n):
-            d = src[j] - mean
-            v += d * d
-    rstd = 1.0 / np.sqrt(v / n + eps)  # biased variance, as torch
-    if has_res:
-        for j in range(n):
-            dst[j] = np.float32((np.float32(src[j] + res[j]) - mean) * rstd) * gamma[j] + beta[j]
-    else:
-        for j in range(n):
-            dst[j] = np.float32((src[j] - mean) * rstd) * gamma[j] + beta[j]
+            dst[j] = (((src[j] - hi) - lo) * rstd) * gamma[j] + beta[j]
 
 
-@kernel(fastmath=_REDUCE)
+# only contraction: reassociation could fold (y - hi) - lo into y - (hi + lo); the sums use add_reassoc
+@kernel(fastmath={"contract"})
 def layer_norm(x, residual, gamma, beta, eps, out, r0, r1):
     """out[r] = (y - mean) / sqrt(var + eps) * gamma + beta, y = x[r] + residual[r], for r0 <= r < r1.
 
