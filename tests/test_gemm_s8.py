@@ -313,8 +313,8 @@ def test_float_epilogue(path, act, m, k, n, seed, use_bias, use_res, asym):
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("act", [ACT_NONE, ACT_RELU])
 def test_float_epilogue_several_row_chunks(path, act):
-    """Wide outputs make the driver split the rows into chunks (_OUT_BUDGET): every chunk gets the fused
-    store, the edge panel group (n % 16 != 0) and the activation / residual pass."""
+    """Wide outputs make the driver split the rows into chunks (_OUT_BUDGET): every chunk gets the fused store
+    (activation and residual in registers) and the edge blocks (last rows, n % 16 != 0) the scalar pass."""
     m, k, n = 75, 36, 1571
     assert g._OUT_BUDGET // (4 * n) < m  # more than one chunk
     rng, wq, wp, cs = make(m, k, n, 7)

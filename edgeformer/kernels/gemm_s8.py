@@ -66,6 +66,7 @@ from numba.extending import intrinsic
 
 from edgeformer.kernels._jit import helper, kernel
 from edgeformer.kernels.gemm_f32 import _prefetch
+from edgeformer.kernels.act_ir import emit_activation_switch
 from edgeformer.kernels.reduce import max_nonan, min_nonan
 from edgeformer.kernels.mathfn import ACT_GELU_ERF, ACT_GELU_TANH, ACT_NONE, ACT_RELU, gelu_erf, gelu_tanh, relu
 
@@ -307,10 +308,12 @@ def emit_ptrs(builder, path, mr, npn, a_ptr, a_off, lda, b_ptr, b_off, pstride, 
               zp_ptr, zp_off, cs_ptr, cs_off, f32_out=None):
     """The micro-kernel's IR on raw pointers (u8*, i8*, i32*, i32*, i32*) and i64 offsets/strides.
 
-    f32_out None: store the int32 tile at d. Else (ws_ptr, sa_ptr, bias_ptr) float* already offset to
-    the tile's first column / first row, and d_ptr is float* (the output): store
-    (f32(acc) * ws[c]) * sa[i] + bias[c] there instead (the same float32 operations in the same order
-    as the Numba epilogue; no fast-math flags, so no contraction into an FMA)."""
+    f32_out None: store the int32 tile at d. Else (ws_ptr, sa_ptr, bias_ptr[, act, res_ptr, res_stride,
+    use_res]): float* already offset to the tile's first column / first row, and d_ptr is float* (the output):
+    store act((f32(acc) * ws[c]) * sa[i] + bias[c]) (+ res[i*res_stride + c] when use_res != 0) there
+    instead. The scaling has no fast-math flags (no contraction into an FMA: exactly the reference
+    epilogue's float32 operations); act is an i64 ACT_* code (kernels/act_ir.py), res_ptr float* at the
+    tile's first element."""
     i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
     v16 = ir.VectorType(i32, 16)
 
@@ -487,7 +490,8 @@ def _emit_store(builder, path, mr, npn, sums, d_ptr, d_off, d_stride, zp_ptr, zp
     if f32_out is not None:
         f32 = ir.FloatType()
         f16v = ir.VectorType(f32, 16)
-        ws_ptr, sa_ptr, bias_ptr = f32_out
+        ws_ptr, sa_ptr, bias_ptr = f32_out[:3]
+        act, res_ptr, res_stride, use_res = f32_out[3:] if len(f32_out) > 3 else (None, None, None, None)
 
         def fvec(ptr, j):
             return builder.load(builder.bitcast(builder.gep(ptr, [c64(j * NR)]), f16v.as_pointer()), align=4)
@@ -499,6 +503,7 @@ def _emit_store(builder, path, mr, npn, sums, d_ptr, d_off, d_stride, zp_ptr, zp
             sv1 = builder.insert_element(ir.Constant(f16v, ir.Undefined), builder.load(builder.gep(sa_ptr, [c64(i)])),
                                          ir.Constant(i32, 0))
             sav.append(builder.shuffle_vector(sv1, ir.Constant(f16v, ir.Undefined), zmask16))
+    tile = []  # (mr * npn) float32 vectors of the fused store, before the activation
     for i in range(mr):
         row = builder.mul(d_stride, c64(i))
         z = builder.load(builder.gep(zp_base, [c64(i)]))
@@ -508,13 +513,43 @@ def _emit_store(builder, path, mr, npn, sums, d_ptr, d_off, d_stride, zp_ptr, zp
         zv = builder.shuffle_vector(zv, ir.Constant(v16, ir.Undefined), zmask16)
         for j in range(npn):
             v = builder.sub(sums[i * npn + j], builder.mul(zv, csv[j]))
-            p = builder.gep(d_base, [builder.add(row, c64(j * NR))])
             if f32_out is None:
+                p = builder.gep(d_base, [builder.add(row, c64(j * NR))])
                 builder.store(v, builder.bitcast(p, v16.as_pointer()), align=4)
                 continue
+            # no fast-math flags: exactly the float32 operations of the reference epilogue
             f = builder.fmul(builder.fmul(builder.sitofp(v, f16v), wsv[j]), sav[i])
-            f = builder.fadd(f, biasv[j])
-            builder.store(f, builder.bitcast(p, f16v.as_pointer()), align=4)
+            tile.append(builder.fadd(f, biasv[j]))
+    if f32_out is None:
+        return
+    if act is not None:
+        tile = emit_activation_switch(builder, act, tile, "s8_act")
+
+    def store(with_res):
+        for i in range(mr):
+            row = builder.mul(d_stride, c64(i))
+            rrow = builder.mul(res_stride, c64(i)) if with_res else None
+            for j in range(npn):
+                f = tile[i * npn + j]
+                if with_res:
+                    rp = builder.gep(res_ptr, [builder.add(rrow, c64(j * NR))])
+                    f = builder.fadd(f, builder.load(builder.bitcast(rp, f16v.as_pointer()), align=4))
+                p = builder.gep(d_base, [builder.add(row, c64(j * NR))])
+                builder.store(f, builder.bitcast(p, f16v.as_pointer()), align=4)
+
+    if use_res is None:
+        store(False)
+        return
+    fn = builder.function
+    with_res, without, done = (fn.append_basic_block(f"s8_{n}") for n in ("res", "nores", "stored"))
+    builder.cbranch(builder.icmp_signed("!=", use_res, c64(0)), with_res, without)
+    builder.position_at_end(with_res)
+    store(True)
+    builder.branch(done)
+    builder.position_at_end(without)
+    store(False)
+    builder.branch(done)
+    builder.position_at_end(done)
 
 
 def _check_path(pv):
@@ -559,15 +594,18 @@ def _micro_s8(typingctx, path, mr, a, a_off, lda, b, b_off, pstride, k4, d, d_of
 
 @intrinsic
 def _micro_s8_f32(typingctx, path, mr, a, a_off, lda, b, b_off, pstride, k4, out, out_off, ostride, zp, zp_off, cs,
-                  col0, ws, sa, bias):
-    """_micro_s8 with the scaling fused: out.flat[out_off + i*ostride + c] = (f32(acc[i, c]) * ws[col0 + c])
-    * sa[zp_off + i] + bias[col0 + c] for i < mr, c < NP*16 (all NP*16 columns must exist in out, ws and
-    bias); acc as in _micro_s8 (zp[zp_off + i], cs[col0 + c]). out float32 with unit column stride."""
+                  col0, ws, sa, bias, act, res, res_off, res_stride, use_res):
+    """_micro_s8 with the epilogue fused: out.flat[out_off + i*ostride + c] = act((f32(acc[i, c]) * ws[col0 + c])
+    * sa[zp_off + i] + bias[col0 + c]) (+ res.flat[res_off + i*res_stride + c] when use_res != 0) for i < mr,
+    c < NP*16 (all NP*16 columns must exist in out, ws, bias and res); acc as in _micro_s8 (zp[zp_off + i],
+    cs[col0 + c]); act an ACT_* code applied in registers (kernels/act_ir.py). out and res float32 with unit
+    column stride (res may be out)."""
     if not isinstance(path, types.IntegerLiteral) or not isinstance(mr, types.IntegerLiteral):
         return None
     pv, mv, npn = _typed_path(path, mr)
     ip = types.intp
-    sig = types.void(path, mr, a, ip, ip, b, ip, ip, ip, out, ip, ip, zp, ip, cs, ip, ws, sa, bias)
+    sig = types.void(path, mr, a, ip, ip, b, ip, ip, ip, out, ip, ip, zp, ip, cs, ip, ws, sa, bias, types.int64,
+                     res, ip, ip, ip)
 
     def codegen(context, builder, signature, args):
         sa_ = signature.args
@@ -576,7 +614,8 @@ def _micro_s8_f32(typingctx, path, mr, a, a_off, lda, b, b_off, pstride, k4, out
             return context.make_array(sa_[idx])(context, builder, args[idx]).data
 
         col0, zp_off = args[15], args[13]
-        f32_out = (builder.gep(data(16), [col0]), builder.gep(data(17), [zp_off]), builder.gep(data(18), [col0]))
+        f32_out = (builder.gep(data(16), [col0]), builder.gep(data(17), [zp_off]), builder.gep(data(18), [col0]),
+                   args[19], builder.gep(data(20), [args[21]]), args[22], args[23])
         emit_ptrs(builder, pv, mv, npn, data(2), args[3], args[4], data(5), args[6], args[7], args[8], data(9),
                   args[10], args[11], data(12), zp_off, data(14), col0, f32_out=f32_out)
         return context.get_dummy_value()
@@ -761,12 +800,12 @@ def _scale_tile(tile, width, mrb, b0, col0, ncol, sa, ws, bias, out, raw):
             o[j] = (np.float32(t[j]) * w[j]) * s + bb[j]
 
 
-# A kernel of its own, not an inlined helper: `contract` turns the GELU / tanh polynomials into FMAs here
-# without touching the exact int32 -> float32 scaling of the driver.
+# A kernel of its own, not an inlined helper: `contract` turns the GELU / tanh polynomials into FMAs here (as
+# kernels/act_ir.py does in the micro-kernel) without touching the exact int32 -> float32 scaling of the driver.
 @kernel(fastmath={"contract"})
 def _act_residual(out, residual, act, c0, c1, col_lo, col_hi):
-    """out[c0:c1, col_lo:col_hi] = act(out) + residual, one pass over whole rows (long contiguous loops that
-    vectorise; the rows were just written and are still in L2)."""
+    """out[c0:c1, col_lo:col_hi] = act(out) + residual: the edge blocks the fused-store micro-kernel does not
+    write (the last rows of a range, the right-edge panel group)."""
     has_res = residual.shape[0] != 0
     for r in range(c0, c1):
         o = out[r, col_lo:col_hi]
@@ -786,8 +825,9 @@ def _act_residual(out, residual, act, c0, c1, col_lo, col_hi):
                 o[j] += rs[j]
 
 
-# Rows of quantised activations kept in L2 while the weight panels stream past, and the bytes of output rows a
-# row chunk may write before the activation / residual pass reads them back (both well inside a 512 KiB L2).
+# A row chunk's quantised activations and the output rows it writes stay in L2 while every weight panel streams
+# past (both well inside a 512 KiB L2). Without the output bound, 128 rows x 1152 outputs (590 KB) plus the
+# weights overflowed a 1 MiB L2 and the QKV projection ran 20 % slower (Zen 4, bench/gemm_s8_paths.py shapes).
 _A_BUDGET = 256 * 1024
 _OUT_BUDGET = 192 * 1024
 
@@ -796,8 +836,8 @@ _OUT_BUDGET = 192 * 1024
 def _gemm_s8(path, mr, npn, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw, r0, r1, p0, p1):
     """Rows r0:r1, panels p0:p1. Loop order: row chunks (A and the chunk's output rows stay in L2) > panel
     groups (NP panels of B, in L1 while every row block of the chunk passes) > row blocks of MR rows. Full
-    blocks use the fused-store micro-kernel (int32 accumulators -> scaled float32 in registers -> out);
-    activation and residual follow in one pass over each chunk's rows."""
+    blocks use the fused-store micro-kernel (int32 accumulators -> scaled float32, activation and residual in
+    registers -> out); the others go through an int32 tile, then `_scale_tile` and `_act_residual`."""
     if r1 <= r0 or p1 <= p0:
         return
     lda = aq.shape[1]
@@ -816,7 +856,9 @@ def _gemm_s8(path, mr, npn, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, a
     mc = min(_A_BUDGET // max(lda, 1), _OUT_BUDGET // (4 * (col_hi - col_lo)))
     mc = max(mr, mc - mc % mr)
     ostride = out.strides[0] // 4 if use_out else 0
-    post = use_out and (act != ACT_NONE or residual.shape[0] != 0)
+    use_res = 1 if residual.shape[0] != 0 else 0
+    rstride = residual.strides[0] // 4 if use_res else 0
+    post = use_out and (act != ACT_NONE or use_res != 0)
     for c0 in range(r0, r1, mc):
         c1 = min(c0 + mc, r1)
         for g0 in range(p0, p1, npn):
@@ -836,13 +878,14 @@ def _gemm_s8(path, mr, npn, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, a
                             _prefetch(out, (b0 + i) * ostride + q, 1)
                 if fused and mrb == mr:
                     _micro_s8_f32(path, mr, aflat, b0 * lda, lda, wflat, b_off, pstride, k4, out,
-                                  b0 * ostride + col0, ostride, zp, b0, colsum, col0, ws, sa, bvec)
+                                  b0 * ostride + col0, ostride, zp, b0, colsum, col0, ws, sa, bvec, act,
+                                  residual, b0 * rstride + col0, rstride, use_res)
                 else:
                     _micro_rows(path, mrb, aflat, b0 * lda, lda, wflat, b_off, pstride, k4, tile, width, zp, b0,
                                 colsum, col0)
                     _scale_tile(tile, width, mrb, b0, col0, ncol, sa, ws, bvec, out, raw)
-        if post:
-            _act_residual(out, residual, act, c0, c1, col_lo, col_hi)
+                    if post:
+                        _act_residual(out, residual, act, b0, b0 + mrb, col0, col0 + ncol)
 
 
 @kernel
@@ -979,7 +1022,8 @@ def linear_q(path):
 def micro_asm(path: int, cpu: str, triple: str = "aarch64-unknown-linux-gnu", features: str = "", mr: int = 4,
               fused_store: bool = False) -> str:
     """Assembly of one micro-kernel of ``path`` cross-compiled by LLVM for (triple, cpu, features); with
-    ``fused_store`` the variant that scales into float32 output (``_micro_s8_f32``).
+    ``fused_store`` the variant that scales into float32 output, with the activation switch and the residual
+    (``_micro_s8_f32``).
 
     Only compiles (never runs) the IR, so it is safe on any host; tests use it to check which instructions a
     path emits for a given CPU (e.g. no sdot for cortex-a72, sdot for cortex-a76)."""
@@ -991,13 +1035,15 @@ def micro_asm(path: int, cpu: str, triple: str = "aarch64-unknown-linux-gnu", fe
     f32p = ir.FloatType().as_pointer()
     a_type = ir.IntType(16) if path in A16_PATHS else i8
     fnty = ir.FunctionType(ir.VoidType(), [a_type.as_pointer(), i8.as_pointer(), f32p if fused_store else i32.as_pointer(),
-                                           i32.as_pointer(), i32.as_pointer(), i64, i64, i64, f32p, f32p, f32p])
+                                           i32.as_pointer(), i32.as_pointer(), i64, i64, i64, f32p, f32p, f32p,
+                                           i64, f32p, i64, i64])
     fn = ir.Function(module, fnty, name="s8_micro")
-    a, b, d, zp, cs, lda, pstride, k4, ws, sa, bias = fn.args
+    a, b, d, zp, cs, lda, pstride, k4, ws, sa, bias, act, res, res_stride, use_res = fn.args
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
     zero = ir.Constant(i64, 0)
     emit_ptrs(builder, path, mr, path_blocking(path)[1], a, zero, lda, b, zero, pstride, k4, d, zero,
-              ir.Constant(i64, 64), zp, zero, cs, zero, f32_out=(ws, sa, bias) if fused_store else None)
+              ir.Constant(i64, 64), zp, zero, cs, zero,
+              f32_out=(ws, sa, bias, act, res, res_stride, use_res) if fused_store else None)
     builder.ret_void()
     llmod = _llb.parse_assembly(str(module))
     llmod.verify()

@@ -1,0 +1,143 @@
+"""The activations of kernels/mathfn.py as LLVM IR on float vectors, for the GEMM micro-kernels' epilogues.
+
+A micro-kernel holds its output tile in vector registers; applying the activation there, before the store,
+saves a separate pass over the output (which, run per tile on short rows, cost the fp32 FFN up-projection
+~13 % of its time, and the int8 one a pass over the whole output). These emitters repeat mathfn's formulas
+operation for operation, with mathfn's float32 constants, so that the two agree (tests/test_act_ir.py):
+
+    relu(x)      = 0 if x < 0 else x                      (NaN and -0.0 pass through)
+    gelu_erf(x)  = 0.5 x (1 + z P(z^2) / Q(z^2)),  z = clamp(x / sqrt2, -4, 4)
+    gelu_tanh(x) = x / (1 + exp(-2u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
+    exp          = mathfn.exp_f32 (Cody-Waite reduction, Cephes polynomial, two-step 2**n scaling)
+
+Multiplies and adds carry the `contract` flag (FMAs where the target has them), as the Numba kernels
+that call mathfn are compiled with fastmath={"contract"}; clamps are compare + select in mathfn's order,
+so NaN propagates. `emit_activation_switch` branches on a run-time activation code.
+"""
+from llvmlite import ir
+
+from edgeformer.kernels import mathfn as m
+
+_FLAGS = ("contract",)
+
+
+def _splat(vty, value):
+    return ir.Constant(vty, [float(value)] * vty.count)
+
+
+class _Ops:
+    """Vector float arithmetic with mathfn's constants and the contract flag."""
+
+    def __init__(self, builder, vty):
+        self.b, self.t = builder, vty
+
+    def c(self, value):
+        return _splat(self.t, value)
+
+    def mul(self, x, y):
+        return self.b.fmul(x, y, flags=_FLAGS)
+
+    def add(self, x, y):
+        return self.b.fadd(x, y, flags=_FLAGS)
+
+    def sub(self, x, y):
+        return self.b.fsub(x, y, flags=_FLAGS)
+
+    def div(self, x, y):
+        return self.b.fdiv(x, y, flags=_FLAGS)
+
+    def sel_lt(self, x, bound, then):
+        """`then if x < bound else x` (NaN: x)."""
+        return self.b.select(self.b.fcmp_ordered("<", x, bound), then, x)
+
+    def sel_gt(self, x, bound, then):
+        """`then if x > bound else x` (NaN: x)."""
+        return self.b.select(self.b.fcmp_ordered(">", x, bound), then, x)
+
+
+def _exp(o, x):
+    """mathfn.exp_f32 on a vector."""
+    b = o.b
+    ivty = ir.VectorType(ir.IntType(32), o.t.count)
+    under = b.fcmp_ordered("<", x, o.c(m._EXP_LO))
+    x = o.sel_gt(x, o.c(m._EXP_HI), o.c(m._EXP_HI))
+    x = o.sel_lt(x, o.c(m._EXP_LO), o.c(m._EXP_LO))
+    t = o.add(o.mul(x, o.c(m._LOG2E)), o.c(m._ROUND_MAGIC))
+    n = o.sub(t, o.c(m._ROUND_MAGIC))
+    i = b.sub(b.bitcast(t, ivty), ir.Constant(ivty, [m._ROUND_MAGIC_BITS] * o.t.count))
+    r = o.sub(x, o.mul(n, o.c(m._LN2_HI)))
+    r = o.sub(r, o.mul(n, o.c(m._LN2_LO)))
+    z = o.mul(r, r)
+    p = o.add(o.mul(o.c(m._EP0), r), o.c(m._EP1))
+    for coef in (m._EP2, m._EP3, m._EP4, m._EP5):
+        p = o.add(o.mul(p, r), o.c(coef))
+    p = o.add(o.add(o.mul(p, z), r), o.c(m._ONE))
+    n1 = b.ashr(i, ir.Constant(ivty, [1] * o.t.count))
+    n2 = b.sub(i, n1)
+    bias = ir.Constant(ivty, [127] * o.t.count)
+    shift = ir.Constant(ivty, [23] * o.t.count)
+    s1 = b.bitcast(b.shl(b.add(n1, bias), shift), o.t)
+    s2 = b.bitcast(b.shl(b.add(n2, bias), shift), o.t)
+    e = o.mul(o.mul(p, s1), s2)
+    return b.select(under, o.c(0.0), e)
+
+
+def _gelu_erf(o, x):
+    z = o.mul(x, o.c(m._INV_SQRT2))
+    z = o.sel_lt(z, o.c(-m._FOUR), o.c(-m._FOUR))
+    z = o.sel_gt(z, o.c(m._FOUR), o.c(m._FOUR))
+    z2 = o.mul(z, z)
+    p = o.add(o.mul(z2, o.c(m._GA13)), o.c(m._GA11))
+    for coef in (m._GA9, m._GA7, m._GA5, m._GA3, m._GA1):
+        p = o.add(o.mul(z2, p), o.c(coef))
+    q = o.add(o.mul(z2, o.c(m._GB8)), o.c(m._GB6))
+    for coef in (m._GB4, m._GB2, m._GB0):
+        q = o.add(o.mul(z2, q), o.c(coef))
+    return o.mul(o.mul(o.c(m._HALF), x), o.add(o.c(m._ONE), o.div(o.mul(z, p), q)))
+
+
+def _gelu_tanh(o, x):
+    cube = o.mul(o.mul(o.mul(o.c(m._GELU_TANH_C), x), x), x)
+    u = o.mul(o.c(m._SQRT_2_OVER_PI), o.add(x, cube))
+    return o.div(x, o.add(o.c(m._ONE), _exp(o, o.mul(o.c(-m._TWO), u))))
+
+
+def _relu(o, x):
+    return o.sel_lt(x, o.c(0.0), o.c(0.0))
+
+
+EMITTERS = {m.ACT_RELU: _relu, m.ACT_GELU_ERF: _gelu_erf, m.ACT_GELU_TANH: _gelu_tanh}
+
+
+def emit_activation(builder, act: int, v):
+    """act(v) for one float vector v and a compile-time activation code (ACT_NONE: v itself)."""
+    if act == m.ACT_NONE:
+        return v
+    return EMITTERS[act](_Ops(builder, v.type), v)
+
+
+def emit_activation_switch(builder, act_value, vectors, name="act"):
+    """[act(v) for v in vectors] for a run-time i64 activation code: one block per activation in EMITTERS,
+    joined by phis; any other code (ACT_NONE, unknown) leaves the vectors unchanged. Leaves the builder in
+    the join block."""
+    fn = builder.function
+    start = builder.block
+    join = fn.append_basic_block(f"{name}_join")
+    incoming = [(list(vectors), None)]
+    switch = builder.switch(act_value, join)
+    for code, emitter in EMITTERS.items():
+        blk = fn.append_basic_block(f"{name}_{code}")
+        switch.add_case(ir.Constant(act_value.type, code), blk)
+        builder.position_at_end(blk)
+        o = _Ops(builder, vectors[0].type)
+        done = [emitter(o, v) for v in vectors]
+        incoming.append((done, builder.block))
+        builder.branch(join)
+    builder.position_at_end(join)
+    result = []
+    for k in range(len(vectors)):
+        ph = builder.phi(vectors[0].type)
+        for values, blk in incoming:
+            ph.add_incoming(values[k], start if blk is None else blk)
+        result.append(ph)
+    return result
