@@ -660,54 +660,60 @@ def quantize_rows_smooth(x, asym, smooth, aq, sa, zp, r0, r1):
     in [0, 255] and a scale that may be NaN (never an out-of-range write).
     """
     k = x.shape[1]
-    kp = aq.shape[1]
     # without smoothing, multiply by ones: x * 1 is x exactly (inf and -0 too), and one loop body serves both
     sm = smooth if smooth.shape[0] != 0 else np.ones(k, dtype=np.float32)
     for r in range(r0, r1):
-        xr = x[r]
-        qr = aq[r]
-        # range of the smoothed row, recomputed on the fly (no scratch copy); min/max start at 0, so lo <= 0 <= hi
-        lo = _F0
-        hi = _F0
-        for j in range(k):
-            v = xr[j] * sm[j]
-            lo = min_nonan(lo, v)
-            hi = max_nonan(hi, v)
-        if asym == 0:
-            m = hi if hi > -lo else -lo
-            if m > _F0:
-                inv = _F127 / m
-                s = m / _F127
-            else:
-                inv = _F0
-                s = _F0
-            for j in range(k):
-                v = _rint((xr[j] * sm[j]) * inv)
-                v = _F127 if v > _F127 else v
-                v = -_F127 if v < -_F127 else v
-                qr[j] = np.uint8(np.int32(v) + 128)
-            z = 128
-        else:
-            rng = hi - lo
-            if rng > _F0:
-                inv = _F255 / rng
-                s = rng / _F255
-            else:
-                inv = _F0
-                s = _F0
-            zf = _rint(-lo * inv)
-            zf = _F255 if zf > _F255 else zf
-            zf = _F0 if zf < _F0 else zf
-            for j in range(k):
-                v = _rint((xr[j] * sm[j]) * inv) + zf
-                v = _F255 if v > _F255 else v
-                v = _F0 if v < _F0 else v
-                qr[j] = np.uint8(np.int32(v))
-            z = np.int32(zf)
-        for j in range(k, kp):
-            qr[j] = np.uint8(z)
+        s, z = quantize_row(x[r], sm, asym, aq[r])
         sa[r] = s
         zp[r] = z
+
+
+@helper
+def quantize_row(xr, sm, asym, qr):
+    """One row of quantize_rows_smooth: qr (Kp,) u8 <- xr (K,) f32 times sm (K,) (ones: no smoothing);
+    returns (scale s float32, zero point z int32). Contiguous 1-D rows, so every loop vectorises."""
+    k = xr.shape[0]
+    # range of the smoothed row, recomputed on the fly (no scratch copy); min/max start at 0, so lo <= 0 <= hi
+    lo = _F0
+    hi = _F0
+    for j in range(k):
+        v = xr[j] * sm[j]
+        lo = min_nonan(lo, v)
+        hi = max_nonan(hi, v)
+    if asym == 0:
+        m = hi if hi > -lo else -lo
+        if m > _F0:
+            inv = _F127 / m
+            s = m / _F127
+        else:
+            inv = _F0
+            s = _F0
+        for j in range(k):
+            v = _rint((xr[j] * sm[j]) * inv)
+            v = _F127 if v > _F127 else v
+            v = -_F127 if v < -_F127 else v
+            qr[j] = np.uint8(np.int32(v) + 128)
+        z = np.int32(128)
+    else:
+        rng = hi - lo
+        if rng > _F0:
+            inv = _F255 / rng
+            s = rng / _F255
+        else:
+            inv = _F0
+            s = _F0
+        zf = _rint(-lo * inv)
+        zf = _F255 if zf > _F255 else zf
+        zf = _F0 if zf < _F0 else zf
+        for j in range(k):
+            v = _rint((xr[j] * sm[j]) * inv) + zf
+            v = _F255 if v > _F255 else v
+            v = _F0 if v < _F0 else v
+            qr[j] = np.uint8(np.int32(v))
+        z = np.int32(zf)
+    for j in range(k, qr.shape[0]):
+        qr[j] = np.uint8(z)
+    return s, z
 
 
 _F1 = np.float32(1.0)

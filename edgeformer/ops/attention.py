@@ -62,6 +62,8 @@ class SoftmaxAttention:
         self.num_heads, self.head_dim = num_heads, head_dim
         self.scale = attr(node, "scale", float, 1.0 / math.sqrt(head_dim))
         self.causal = bool(attr(node, "causal", bool, False))
+        if not math.isfinite(self.scale):
+            raise GraphError(f"node {node.name!r}: attention scale must be finite, got {self.scale!r}")
 
     def __call__(self, qkv, batch, out, workers):
         from edgeformer.kernels.attention import attention_softmax
