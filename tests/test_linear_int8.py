@@ -125,14 +125,19 @@ def neighbour(e):
 
 
 def test_minilm_dynamic_int8_accuracy(minilm_pair):
-    from tests.data.sentences import SENTENCES
+    """Issue 7's accuracy bar on the 256-text corpus of bench/minilm_int8.py, against the fp32 conversion (equal
+    to sentence-transformers to 1e-5, tests/test_minilm.py). Nearest-neighbour agreement needs the large set:
+    on the 53 hand-written sentences alone a few near-ties (fp32 margins 0.003-0.008) decide it, and any
+    change of rounding anywhere moves it by 2/53."""
+    from tests.data.corpus import corpus
 
+    texts = corpus(256)
     fp32, int8, d = minilm_pair
-    ref = fp32.embed(SENTENCES, batch_size=16)
-    got = int8.embed(SENTENCES, batch_size=16)
+    ref = fp32.embed(texts, batch_size=16)
+    got = int8.embed(texts, batch_size=16)
     cos = np.sum(got * ref, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     agree = np.mean(neighbour(got) == neighbour(ref))
-    assert cos.mean() >= 0.998 and cos.min() >= 0.985 and agree >= 0.96, (cos.mean(), cos.min(), agree)
+    assert cos.mean() >= 0.998 and cos.min() >= 0.99 and agree >= 0.96, (cos.mean(), cos.min(), agree)
     nodes = [n for n in int8.graph.nodes if n.op == "linear"] if hasattr(int8, "graph") else []
     assert all(n.attrs.get("format") == "int8" for n in nodes)
     assert (d / "int8.edgeformer").stat().st_size < 0.75 * (d / "fp32.edgeformer").stat().st_size
