@@ -1,8 +1,9 @@
-"""load -> validate -> bind -> run.
+"""load -> validate -> bind -> fuse -> run.
 
-``load`` reads the model file (zero-copy mmap), validates the graph once and binds every node to its
-weights, so ``Model.run`` only checks the feeds, packs the valid tokens, calls the bound nodes in order
-and unpacks the outputs. A Model is immutable after load and safe to share between Python threads.
+``load`` reads the model file (zero-copy mmap), validates the graph once, binds every node to its
+weights and fuses what can be fused (edgeformer/fusion.py: an int8 linear feeding only another int8 linear
+hands it quantised rows), so ``Model.run`` only checks the feeds, packs the valid tokens, calls the bound
+nodes in order and unpacks the outputs. A Model is immutable after load and safe to share between Python threads.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from edgeformer import blas, llvm_pages
 from edgeformer.batch import Batch
 from edgeformer.errors import InputError, ModelFileError
 from edgeformer.format import read_model
+from edgeformer.fusion import fuse_requantize
 from edgeformer.graph import DENSE, IDS, TOKENS, Graph, input_kind, last_uses, validate
 from edgeformer.ops import REGISTRY
 from edgeformer.workers import Workers, default_threads
@@ -44,6 +46,8 @@ class Model:
                     model_file.advise_random(node.weights[role])
             weights = {role: model_file.tensors[t] for role, t in node.weights.items()}
             self._steps.append((node, REGISTRY[node.op].bind(node, weights)))
+        self._plain_steps = self._steps  # what observers see: every value as its op defines it
+        self._steps = fuse_requantize(self._plain_steps, {s["name"] for s in graph.outputs})
         self._last_use = last_uses(graph)
         self._workers = Workers(threads)
         self._kinds = {s["name"]: input_kind(s) for s in graph.inputs}
@@ -115,7 +119,8 @@ class Model:
 
         ``profile``, if given, accumulates seconds per op label (e.g. "linear[fp32]").
         ``observe(node, inputs)``, if given, is called before each node with its (packed) input arrays:
-        calibration reads activation statistics through it. It must not modify the arrays.
+        calibration reads activation statistics through it. It must not modify the arrays. The run then uses
+        the unfused steps (edgeformer/fusion.py), so every input is the float32 value the graph defines.
         """
         arrays = self._check_feeds(feeds)
         wanted = self._check_outputs(outputs)
@@ -125,7 +130,7 @@ class Model:
         for name in self._types_of_ids:
             if name not in env:  # an optional id input that was not fed (token_type_ids): all zeros
                 env[name] = np.zeros(batch.num_tokens, dtype=np.int64)
-        for index, (node, step) in enumerate(self._steps):
+        for index, (node, step) in enumerate(self._steps if observe is None else self._plain_steps):
             if observe is not None:
                 observe(node, [env[v] for v in node.inputs])
             if profile is None:

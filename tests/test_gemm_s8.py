@@ -329,6 +329,52 @@ def test_float_epilogue_several_row_chunks(path, act):
     np.testing.assert_array_equal(out, epilogue_ref(acc_ref(aq, zp, wq), sa, ws, bias, res, act))
 
 
+# ---- requantising epilogue (linear_requant): y never stored, quantised for the next linear ----------------
+
+def run_requant(path, aq, sa, zp, wp, cs, ws, n, bias, act, asym2, smooth2, static2, scale2, z2, r0, r1):
+    m = aq.shape[0]
+    kp2 = 4 * -(-n // 4)
+    aq2 = np.full((m, kp2), 7, np.uint8)
+    sa2 = np.full(m, SENTINEL_F, F32)
+    zp2 = np.full(m, SENTINEL_I, np.int32)
+    x = np.zeros((m, 1), F32)  # unused: quant = 0 (aq already holds the rows)
+    g.linear_requant(path)(x, 1, NO_BIAS, 0, aq, sa, zp, wp, cs, ws, n, bias, act, asym2,
+                           NO_BIAS if smooth2 is None else smooth2, int(static2), np.array([scale2], F32),
+                           np.array([z2], np.int32), aq2, sa2, zp2, r0, r1)
+    return aq2, sa2, zp2
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("act", [ACT_NONE, ACT_RELU])
+@settings(max_examples=12, deadline=None)
+@given(m=st.integers(1, 90), k=st.integers(1, 70), n=st.integers(1, 1600), seed=st.integers(0, 2 ** 31),
+       asym2=st.sampled_from([0, 1]), static2=st.booleans(), use_smooth2=st.booleans(), data=st.data())
+def test_requant_equals_store_then_quantize(path, act, m, k, n, seed, asym2, static2, use_smooth2, data):
+    """The codes, scales and zero points are exactly those of storing y (the float epilogue) and quantising
+    it with the next linear's quantiser; only rows r0:r1 are written; several row chunks when n is large."""
+    rng, wq, wp, cs = make(m, k, n, seed)
+    x = rng.standard_normal((m, k)).astype(F32)
+    aq, sa, zp = np.empty((m, wp.shape[1] * 4), np.uint8), np.empty(m, F32), np.empty(m, np.int32)
+    g.quantize_rows(x, 1, aq, sa, zp, 0, m)
+    ws = (rng.random(n) * 0.02 + 1e-3).astype(F32)
+    bias = rng.standard_normal(n).astype(F32)
+    smooth2 = rng.uniform(0.25, 4, n).astype(F32) if use_smooth2 else None
+    scale2, z2 = F32(0.01 * 2.0 ** rng.integers(-3, 4)), int(rng.integers(0, 256)) if asym2 else 128
+    r0 = data.draw(st.integers(0, m))
+    r1 = data.draw(st.integers(r0, m))
+    aq2, sa2, zp2 = run_requant(path, aq, sa, zp, wp, cs, ws, n, bias, act, asym2, smooth2, static2, scale2, z2, r0, r1)
+    y = epilogue_ref(acc_ref(aq, zp, wq), sa, ws, bias, None, act)
+    if static2:
+        q, s_, z_ = quantize_rows_static_ref(y, asym2, scale2, z2, smooth2)
+    else:
+        q, s_, z_ = quantize_rows_ref(y, asym2, smooth2)
+    np.testing.assert_array_equal(aq2[r0:r1, :n], q[r0:r1])
+    np.testing.assert_array_equal(sa2[r0:r1], s_[r0:r1])
+    np.testing.assert_array_equal(zp2[r0:r1], z_[r0:r1])
+    assert np.all(aq2[r0:r1, n:] == zp2[r0:r1, None])  # K padding of the next linear holds the zero point
+    assert np.all(aq2[:r0] == 7) and np.all(aq2[r1:] == 7) and np.all(zp2[:r0] == SENTINEL_I)
+
+
 # ---- path selection ----------------------------------------------------------------------------------
 
 def test_vnni_not_selected_without_the_feature(monkeypatch):

@@ -735,37 +735,30 @@ def quantize_rows_static(x, asym, smooth, qscale, qzero, aq, sa, zp, r0, r1):
     the calibrated range clip to the end codes (+-inf too); the clip is written `v if v < hi else hi`, so a
     NaN becomes the top code instead of an undefined float->int conversion. No validation (the op checks
     s, z and the shapes at load)."""
-    k = x.shape[1]
-    kp = aq.shape[1]
+    sm = smooth if smooth.shape[0] != 0 else np.ones(x.shape[1], dtype=np.float32)  # x * 1 is x exactly
     s = qscale[0]
     inv = _F1 / s
-    if asym == 0:
-        z = np.int32(128)
-        lo = _F1  # rint + 128 in [1, 255]  <=>  rint in [-127, 127]
-    else:
-        z = np.int32(qzero[0])
-        lo = _F0
-    zf = np.float32(z)
-    smoothed = smooth.shape[0] != 0
+    z = np.int32(128) if asym == 0 else np.int32(qzero[0])
     for r in range(r0, r1):
-        xr = x[r]
-        qr = aq[r]
-        if smoothed:
-            for j in range(k):
-                v = _rint((xr[j] * smooth[j]) * inv) + zf
-                v = v if v < _F255 else _F255
-                v = v if v > lo else lo
-                qr[j] = np.uint8(np.int32(v))
-        else:
-            for j in range(k):
-                v = _rint(xr[j] * inv) + zf
-                v = v if v < _F255 else _F255
-                v = v if v > lo else lo
-                qr[j] = np.uint8(np.int32(v))
-        for j in range(k, kp):
-            qr[j] = np.uint8(z)
+        quantize_row_static(x[r], sm, asym, inv, z, aq[r])
         sa[r] = s
         zp[r] = z
+
+
+@helper
+def quantize_row_static(xr, sm, asym, inv, z, qr):
+    """One row of quantize_rows_static: qr (Kp,) u8 <- xr (K,) f32 times sm (K,), with inv = f32(1 / s) and
+    zero point z (128 when symmetric)."""
+    k = xr.shape[0]
+    lo = _F1 if asym == 0 else _F0  # symmetric: rint + 128 in [1, 255]  <=>  rint in [-127, 127]
+    zf = np.float32(z)
+    for j in range(k):
+        v = _rint((xr[j] * sm[j]) * inv) + zf
+        v = v if v < _F255 else _F255
+        v = v if v > lo else lo
+        qr[j] = np.uint8(np.int32(v))
+    for j in range(k, qr.shape[0]):
+        qr[j] = np.uint8(z)
 
 
 # ---- driver --------------------------------------------------------------------------------------
@@ -969,6 +962,104 @@ def linear_q_vnni(x, asym, smooth, quant, aq, sa, zp, wp, colsum, ws, n_out, bia
         quantize_rows_smooth(x, asym, smooth, aq, sa, zp, r0, r1)
     _gemm_s8(2, VNNI_MR, VNNI_NP, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, act, out, raw,
              r0, r1, p0, p1)
+
+
+@helper
+def _gemm_s8_requant(path, mr, npn, agemm, sa, zp, wp, colsum, ws, n_out, bias, act, asym2, smooth2, static2, qscale2,
+                     qzero2, aq2, sa2, zp2, r0, r1):
+    """Rows r0:r1 of y = act(acc * scales + bias), quantised for the next int8 linear instead of stored: row
+    chunks of y (sized by _OUT_BUDGET) go to a float32 scratch that stays in L2, and each finished chunk is
+    quantised into aq2 / sa2 / zp2 with the next linear's quantiser (dynamic per row: quantize_row; static:
+    quantize_row_static with qscale2 / qzero2; smoothing smooth2 or (0,)). The codes equal those of storing y
+    and quantising it afterwards (the same float32 operations); y itself never reaches memory. agemm: the
+    quantised activations as the path reads them (u8, or int16 for AVX2)."""
+    if r1 <= r0:
+        return
+    mc = max(mr, _OUT_BUDGET // (4 * n_out))
+    mc = mc - mc % mr
+    chunk = np.empty((min(mc, r1 - r0), n_out), dtype=np.float32)  # (mc, N) rows of y
+    no_res = np.zeros((0, 0), dtype=np.float32)
+    no_raw = np.zeros((0, 0), dtype=np.int32)
+    sm = smooth2 if smooth2.shape[0] != 0 else np.ones(n_out, dtype=np.float32)
+    s_static = qscale2[0] if static2 != 0 else _F1
+    inv_static = _F1 / s_static
+    z_static = (np.int32(128) if asym2 == 0 else np.int32(qzero2[0])) if static2 != 0 else np.int32(0)
+    panels = wp.shape[0]
+    for c0 in range(r0, r1, mc):
+        c1 = min(c0 + mc, r1)
+        _gemm_s8(path, mr, npn, agemm[c0:c1], sa[c0:c1], zp[c0:c1], wp, colsum, ws, n_out, bias, no_res, act, chunk,
+                 no_raw, 0, c1 - c0, 0, panels)
+        for r in range(c0, c1):
+            if static2 != 0:
+                quantize_row_static(chunk[r - c0], sm, asym2, inv_static, z_static, aq2[r])
+                sa2[r] = s_static
+                zp2[r] = z_static
+            else:
+                sa2[r], zp2[r] = quantize_row(chunk[r - c0], sm, asym2, aq2[r])
+
+
+@kernel
+def linear_requant_pairs(x, asym, smooth, quant, aq, sa, zp, wp, colsum, ws, n_out, bias, act, asym2, smooth2, static2,
+                         qscale2, qzero2, aq2, sa2, zp2, r0, r1):
+    """Portable path. See linear_requant."""
+    if quant != 0:
+        quantize_rows_smooth(x, asym, smooth, aq, sa, zp, r0, r1)
+    _gemm_s8_requant(1, PAIRS_MR, PAIRS_NP, aq, sa, zp, wp, colsum, ws, n_out, bias, act, asym2, smooth2, static2,
+                     qscale2, qzero2, aq2, sa2, zp2, r0, r1)
+
+
+@kernel
+def linear_requant_vnni(x, asym, smooth, quant, aq, sa, zp, wp, colsum, ws, n_out, bias, act, asym2, smooth2, static2,
+                        qscale2, qzero2, aq2, sa2, zp2, r0, r1):
+    """AVX512-VNNI path: call only when vnni_available(). See linear_requant."""
+    if quant != 0:
+        quantize_rows_smooth(x, asym, smooth, aq, sa, zp, r0, r1)
+    _gemm_s8_requant(2, VNNI_MR, VNNI_NP, aq, sa, zp, wp, colsum, ws, n_out, bias, act, asym2, smooth2, static2,
+                     qscale2, qzero2, aq2, sa2, zp2, r0, r1)
+
+
+@kernel
+def linear_requant_sdot(x, asym, smooth, quant, aq, sa, zp, wp, colsum, ws, n_out, bias, act, asym2, smooth2, static2,
+                        qscale2, qzero2, aq2, sa2, zp2, r0, r1):
+    """AArch64 dotprod path: call only when dotprod_available(). See linear_requant."""
+    if quant != 0:
+        quantize_rows_smooth(x, asym, smooth, aq, sa, zp, r0, r1)
+    _gemm_s8_requant(3, SDOT_MR, SDOT_NP, aq, sa, zp, wp, colsum, ws, n_out, bias, act, asym2, smooth2, static2,
+                     qscale2, qzero2, aq2, sa2, zp2, r0, r1)
+
+
+@kernel
+def linear_requant_avx2(x, asym, smooth, quant, aq, sa, zp, wp, colsum, ws, n_out, bias, act, asym2, smooth2, static2,
+                        qscale2, qzero2, aq2, sa2, zp2, r0, r1):
+    """AVX2 path: call only when avx2_available(). See linear_requant."""
+    if quant != 0:
+        quantize_rows_smooth(x, asym, smooth, aq, sa, zp, r0, r1)
+    a16 = np.empty(aq.shape, dtype=np.int16)
+    widen_rows(aq, a16, r0, r1)
+    _gemm_s8_requant(4, AVX2_MR, AVX2_NP, a16, sa, zp, wp, colsum, ws, n_out, bias, act, asym2, smooth2, static2,
+                     qscale2, qzero2, aq2, sa2, zp2, r0, r1)
+
+
+def linear_requant(path):
+    """The requantising kernel of a path: an int8 linear whose output feeds only another int8 linear.
+
+        kernel(x, asym, smooth, quant, aq, sa, zp, wp, colsum, ws, n_out, bias, act,
+               asym2, smooth2, static2, qscale2, qzero2, aq2, sa2, zp2, r0, r1)
+
+    The first line is linear_q's (quant != 0: quantise x's rows r0:r1 into aq / sa / zp first; no residual);
+    instead of writing y = act(x W^T + b), rows r0:r1 of y are quantised into aq2 (T, Kp2) u8, sa2 (T,) f32,
+    zp2 (T,) int32 as the next linear would quantise them: asym2, smooth2 ((N,) or (0,)), static2 != 0 with
+    qscale2 (1,) f32 and qzero2 (1,) int32 for static per-tensor scales (else both unused). All panels of the
+    weight are computed (rows are split across threads, never panels). No validation.
+    """
+    kernels = {PATH_VNNI: (vnni_available, linear_requant_vnni), PATH_SDOT: (dotprod_available, linear_requant_sdot),
+               PATH_AVX2: (avx2_available, linear_requant_avx2), PATH_PAIRS: (lambda: True, linear_requant_pairs)}
+    if path not in kernels:
+        raise ValueError(f"unknown int8 path {path!r}")
+    available, k = kernels[path]
+    if not available():
+        raise RuntimeError(f"the {PATH_NAMES[path]} int8 path is not available on this CPU")
+    return k
 
 
 def linear_s8(path):

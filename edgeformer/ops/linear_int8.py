@@ -29,6 +29,27 @@ from edgeformer.ops.linear import ROWS_PER_THREAD, register_format
 
 ACTIVATION_QUANT = {"symmetric": 0, "asymmetric": 1}
 _NO_RAW = np.zeros((0, 0), dtype=np.int32)
+_NO_RESIDUAL = np.zeros((0, 0), dtype=np.float32)
+
+
+class QuantizedRows:
+    """Token rows quantised for an int8 linear: aq (T, Kp) u8 codes, sa (T,) f32 scales, zp (T,) int32 zero
+    points (gemm_s8's activation layout). The value passed from a requantising linear to its consumer
+    (edgeformer/fusion.py)."""
+
+    __slots__ = ("aq", "sa", "zp")
+
+    def __init__(self, aq, sa, zp):
+        self.aq, self.sa, self.zp = aq, sa, zp
+
+    @classmethod
+    def empty(cls, rows: int, kp: int) -> "QuantizedRows":
+        return cls(np.empty((rows, kp), dtype=np.uint8), np.empty(rows, dtype=np.float32),
+                   np.empty(rows, dtype=np.int32))
+
+    @property
+    def rows(self) -> int:
+        return self.aq.shape[0]
 
 
 @register_format("int8")
@@ -81,6 +102,63 @@ class Int8Weights:
         self.quantize_static = g.quantize_rows_static
         self.groups = -(-self.out_features // (16 * self.np_))  # panel groups holding columns
 
+        self.requant_kernel = g.linear_requant(self.path)
+        self.no_x = np.zeros((0, self.in_features), dtype=np.float32)  # the unread x of quant == 0 calls
+        # how a producer's requantising epilogue must quantise this linear's input: (static flag, scale, zero
+        # point); a dynamic linear's are stand-ins of the same types (one kernel signature)
+        self.quant_params = ((1,) + self.static if self.static is not None
+                             else (0, np.ones(1, dtype=np.float32), np.zeros(1, dtype=np.int32)))
+
+    def _split_rows(self, rows, workers) -> bool:
+        """Split rows across threads (each quantises and multiplies its own rows), else output panels."""
+        return rows >= 2 * workers.threads * ROWS_PER_THREAD or workers.threads == 1 or self.groups < 2
+
+    def quantize_input(self, x, workers) -> QuantizedRows:
+        """x (T, K) quantised as this linear quantises its input (dynamic per row, or static)."""
+        rows = x.shape[0]
+        q = QuantizedRows.empty(rows, self.kp)
+        if self.static is None:
+            workers.split(self.quantize, rows, x, self.asym, self.smooth, q.aq, q.sa, q.zp)
+        else:
+            workers.split(self.quantize_static, rows, x, self.asym, self.smooth, *self.static, q.aq, q.sa, q.zp)
+        return q
+
+    def call_quantized(self, q: QuantizedRows, residual, act, out, workers):
+        """The linear on rows already quantised with this linear's quantiser (by the producing linear's
+        requantize_call, or quantize_input)."""
+        rows, panels = q.rows, self.wp.shape[0]
+        if self._split_rows(rows, workers):
+            workers.split(_rows_quantized, rows, self.kernel, self.no_x, self.asym, self.smooth, q.aq, q.sa, q.zp,
+                          self.wp, self.colsum, self.scale, self.out_features, self.bias, residual, act, out, _NO_RAW,
+                          panels)
+        else:
+            workers.split(_panels, self.groups * self.np_, self.kernel, self.no_x, self.asym, self.smooth, q.aq, q.sa,
+                          q.zp, self.wp, self.colsum, self.scale, self.out_features, self.bias, residual, act, out,
+                          _NO_RAW, rows, align=self.np_)
+
+    def requantize_call(self, x, act, workers, consumer) -> QuantizedRows:
+        """act(x W^T + b) quantised as `consumer` (the int8 linear that is its only reader) quantises its input;
+        the float output is never stored (gemm_s8.linear_requant). With the output panels split across threads
+        (few rows), the output is stored and then quantised: the same codes."""
+        rows = x.shape[0]
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        if not self._split_rows(rows, workers):
+            out = np.empty((rows, self.out_features), dtype=np.float32)  # (T, N)
+            self(x, _NO_RESIDUAL, act, out, workers)
+            return consumer.quantize_input(out, workers)
+        own = QuantizedRows.empty(rows, self.kp)
+        q2 = QuantizedRows.empty(rows, consumer.kp)
+        static2, qscale2, qzero2 = consumer.quant_params
+        args = (self.requant_kernel, x, self.asym, self.smooth, own.aq, own.sa, own.zp, self.wp, self.colsum,
+                self.scale, self.out_features, self.bias, act, consumer.asym, consumer.smooth, static2, qscale2,
+                qzero2, q2.aq, q2.sa, q2.zp)
+        if self.static is None:
+            workers.split(_requant_rows, rows, *args)
+        else:
+            workers.split(_static_requant_rows, rows, self.quantize_static, self.static, *args)
+        return q2
+
     def __call__(self, x, residual, act, out, workers):
         rows = x.shape[0]
         if not x.flags.c_contiguous:
@@ -92,7 +170,7 @@ class Int8Weights:
         if self.static is not None:
             self._static_call(x, residual, act, out, workers, aq, sa, zp)
             return
-        if rows >= 2 * workers.threads * ROWS_PER_THREAD or workers.threads == 1 or self.groups < 2:
+        if self._split_rows(rows, workers):
             # each range quantises its own rows, then multiplies them: one kernel call per thread
             workers.split(_rows, rows, self.kernel, x, self.asym, self.smooth, aq, sa, zp, self.wp, self.colsum, self.scale,
                           self.out_features, self.bias, residual, act, out, _NO_RAW, panels)
@@ -105,7 +183,7 @@ class Int8Weights:
     def _static_call(self, x, residual, act, out, workers, aq, sa, zp):
         rows, panels = x.shape[0], self.wp.shape[0]
         qscale, qzero = self.static
-        if rows >= 2 * workers.threads * ROWS_PER_THREAD or workers.threads == 1 or self.groups < 2:
+        if self._split_rows(rows, workers):
             # each range quantises its own rows with the stored scale, then multiplies them
             workers.split(_static_rows, rows, self.quantize_static, self.kernel, x, self.asym, self.smooth, qscale,
                           qzero, aq, sa, zp, self.wp, self.colsum, self.scale, self.out_features, self.bias, residual,
@@ -151,6 +229,20 @@ def _static_rows(quantize, kernel, x, asym, smooth, qscale, qzero, aq, sa, zp, w
                  out, raw, panels, r0, r1):
     quantize(x, asym, smooth, qscale, qzero, aq, sa, zp, r0, r1)
     kernel(x, asym, smooth, 0, aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, r0, r1, 0, panels)
+
+
+def _rows_quantized(kernel, x, asym, smooth, aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, panels, r0,
+                    r1):
+    kernel(x, asym, smooth, 0, aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, r0, r1, 0, panels)
+
+
+def _requant_rows(kernel, x, asym, smooth, aq, sa, zp, *rest):
+    kernel(x, asym, smooth, 1, aq, sa, zp, *rest)
+
+
+def _static_requant_rows(quantize, static, kernel, x, asym, smooth, aq, sa, zp, *rest):
+    quantize(x, asym, smooth, static[0], static[1], aq, sa, zp, rest[-2], rest[-1])
+    kernel(x, asym, smooth, 0, aq, sa, zp, *rest)
 
 
 def _rows(kernel, x, asym, smooth, aq, sa, zp, wp, colsum, ws, n, bias, residual, act, out, raw, panels, r0, r1):
