@@ -42,7 +42,8 @@ mount --bind "$ART" "$R/artifacts"
 # The test files of the runtime (they skip what needs torch or the converters' packages).
 TESTS="tests/test_format.py tests/test_workers.py tests/test_kernels_math.py tests/test_kernels_norm.py
 tests/test_kernels_embed_pool.py tests/test_attention.py tests/test_gemm_f32.py tests/test_session.py
-tests/test_cache.py tests/test_lut.py tests/test_binary_hash.py tests/aarch64/test_portable.py"
+tests/test_cache.py tests/test_lut.py tests/test_binary_hash.py tests/test_act_ir.py tests/test_sgemm.py
+tests/aarch64/test_portable.py"
 for ext in "$REPO"/tests/test_gemm_s8.py "$REPO"/tests/test_isa_arm.py; do [ -f "$ext" ] && TESTS="$TESTS tests/$(basename "$ext")"; done
 TESTS="${EDGEFORMER_AARCH64_TESTS:-$TESTS}"  # a subset, when debugging
 
