@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeformer.errors import EdgeformerError
+from edgeformer.errors import EdgeformerError, InputError
 
 
 def _load(args):
@@ -136,6 +136,16 @@ def warm_up(model) -> None:
     if "token_type_ids" in names:
         feeds["token_type_ids"] = np.zeros_like(ids)
     model.run(feeds)
+    if model.threads > 1:
+        # with several threads, linears split few rows by output panels and many rows by rows (the
+        # requantising int8 kernels run only then): a batch of 2 * threads * ROWS_PER_THREAD tokens reaches those
+        from edgeformer.ops.linear import ROWS_PER_THREAD
+
+        seq = min(64, model.max_length or 64)
+        rows = -(-2 * model.threads * ROWS_PER_THREAD // seq)
+        many = {name: np.ones((rows, seq), dtype=np.int64) if name != "token_type_ids" else
+                np.zeros((rows, seq), dtype=np.int64) for name in feeds}
+        model.run(many)
 
 
 # -- info ---------------------------------------------------------------------------------------
