@@ -178,7 +178,8 @@ def cmd_info(args) -> int:
 
     print(f"kernel paths: linear fp32 = packed-weight FMA micro-kernel, {MR}x{NP * NR} tiles "
           f"(<{NR} x float> vectors, LLVM picks the ISA) with fused bias/activation/residual; "
-          "attention softmax = 64x256 tiles, online softmax, BLAS (SciPy) tile products")
+          "attention softmax = one tile up to 128 tokens (else 64x256 tiles, online softmax), "
+          "BLAS (SciPy) products on the heads' slices in place")
     from edgeformer.kernels.gemm_s8 import PATH_NAMES, select_path
 
     int8_path = PATH_NAMES[select_path()]
