@@ -12,7 +12,8 @@ operation for operation, with mathfn's float32 constants, so that the two agree 
 
 Multiplies and adds carry the `contract` flag (FMAs where the target has them), as the Numba kernels
 that call mathfn are compiled with fastmath={"contract"}; clamps are compare + select in mathfn's order,
-so NaN propagates. `emit_activation_switch` branches on a run-time activation code.
+so NaN propagates. `emit_activation_switch` branches on a run-time activation code; `emit_store_tile` is the
+micro-kernels' final store (with the residual added on the way).
 """
 from llvmlite import ir
 
@@ -141,3 +142,21 @@ def emit_activation_switch(builder, act_value, vectors, name="act"):
             ph.add_incoming(values[k], start if blk is None else blk)
         result.append(ph)
     return result
+
+
+def emit_store_tile(builder, tile, mr, npn, width, d_base, d_stride, res_base=None, res_stride=None):
+    """Store tile[i * npn + j] (float vectors of `width` lanes) at d_base + i*d_stride + j*width, adding the
+    vector at res_base + i*res_stride + j*width first when res_base is given (float* bases, i64 strides)."""
+    i64 = ir.IntType(64)
+    vptr = tile[0].type.as_pointer()
+    for i in range(mr):
+        d_row = builder.mul(d_stride, ir.Constant(i64, i))
+        r_row = builder.mul(res_stride, ir.Constant(i64, i)) if res_base is not None else None
+        for j in range(npn):
+            v = tile[i * npn + j]
+            col = ir.Constant(i64, j * width)
+            if res_base is not None:
+                rp = builder.gep(res_base, [builder.add(r_row, col)])
+                v = builder.fadd(v, builder.load(builder.bitcast(rp, vptr), align=4))
+            p = builder.gep(d_base, [builder.add(d_row, col)])
+            builder.store(v, builder.bitcast(p, vptr), align=4)

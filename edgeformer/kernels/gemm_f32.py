@@ -37,7 +37,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from edgeformer.kernels._jit import helper, kernel
-from edgeformer.kernels.act_ir import emit_activation_switch
+from edgeformer.kernels.act_ir import emit_activation_switch, emit_store_tile
 from edgeformer.kernels.mathfn import ACT_NONE, act_inplace
 
 NR = 16  # panel width (floats): the packed-weight format; fixed, independent of the CPU
@@ -190,17 +190,9 @@ def _make_micro(mr, npn):
             builder.cbranch(builder.icmp_signed("!=", use_res, c64(0)), blk["res"], blk["nores"])
 
             def store_rows(with_res):
-                d_base = builder.gep(d_ptr, [d_off])
                 r_base = builder.gep(res_ptr, [res_off]) if with_res else None
-                for i in range(mr):
-                    d_row = builder.mul(d_stride, c64(i))
-                    r_row = builder.mul(res_stride, c64(i)) if with_res else None
-                    for j in range(npn):
-                        v = tile[i * npn + j]
-                        if with_res:
-                            v = builder.fadd(v, vload(r_base, builder.add(r_row, c64(j * NR))))
-                        p = builder.gep(d_base, [builder.add(d_row, c64(j * NR))])
-                        builder.store(v, builder.bitcast(p, vptr), align=4)
+                emit_store_tile(builder, tile, mr, npn, NR, builder.gep(d_ptr, [d_off]), d_stride, r_base,
+                                res_stride if with_res else None)
                 builder.branch(blk["exit"])
 
             builder.position_at_end(blk["res"])

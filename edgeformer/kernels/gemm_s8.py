@@ -66,7 +66,7 @@ from numba.extending import intrinsic
 
 from edgeformer.kernels._jit import helper, kernel
 from edgeformer.kernels.gemm_f32 import _prefetch
-from edgeformer.kernels.act_ir import emit_activation_switch
+from edgeformer.kernels.act_ir import emit_activation_switch, emit_store_tile
 from edgeformer.kernels.reduce import max_nonan, min_nonan
 from edgeformer.kernels.mathfn import ACT_GELU_ERF, ACT_GELU_TANH, ACT_NONE, ACT_RELU, gelu_erf, gelu_tanh, relu
 
@@ -526,16 +526,8 @@ def _emit_store(builder, path, mr, npn, sums, d_ptr, d_off, d_stride, zp_ptr, zp
         tile = emit_activation_switch(builder, act, tile, "s8_act")
 
     def store(with_res):
-        for i in range(mr):
-            row = builder.mul(d_stride, c64(i))
-            rrow = builder.mul(res_stride, c64(i)) if with_res else None
-            for j in range(npn):
-                f = tile[i * npn + j]
-                if with_res:
-                    rp = builder.gep(res_ptr, [builder.add(rrow, c64(j * NR))])
-                    f = builder.fadd(f, builder.load(builder.bitcast(rp, f16v.as_pointer()), align=4))
-                p = builder.gep(d_base, [builder.add(row, c64(j * NR))])
-                builder.store(f, builder.bitcast(p, f16v.as_pointer()), align=4)
+        emit_store_tile(builder, tile, mr, npn, NR, d_base, d_stride, res_ptr if with_res else None,
+                        res_stride if with_res else None)
 
     if use_res is None:
         store(False)

@@ -64,11 +64,9 @@ _EP5 = _f(5.0000001201e-1)
 
 
 @helper
-def exp_f32(x):
-    """exp(x) for float32 x; NaN -> NaN, +inf -> inf, -inf -> 0, results < FLT_MIN -> 0."""
-    under = x < _EXP_LO
-    x = _EXP_HI if x > _EXP_HI else x
-    x = _EXP_LO if x < _EXP_LO else x
+def _exp_reduced(x):
+    """For x already clamped to [_EXP_LO, _EXP_HI]: (p, i) with exp(x) = p * 2**i, i = round(x * log2e)
+    (Cody-Waite reduction, Cephes polynomial on |r| <= ln2/2)."""
     t = x * _LOG2E + _ROUND_MAGIC  # round(x*log2e) sits in the mantissa of t
     n = t - _ROUND_MAGIC
     i = np.int32(viewer(t, np.int32) - _ROUND_MAGIC_BITS)
@@ -76,6 +74,16 @@ def exp_f32(x):
     r = r - n * _LN2_LO
     z = r * r
     p = (((((_EP0 * r + _EP1) * r + _EP2) * r + _EP3) * r + _EP4) * r + _EP5) * z + r + _ONE
+    return p, i
+
+
+@helper
+def exp_f32(x):
+    """exp(x) for float32 x; NaN -> NaN, +inf -> inf, -inf -> 0, results < FLT_MIN -> 0."""
+    under = x < _EXP_LO
+    x = _EXP_HI if x > _EXP_HI else x
+    x = _EXP_LO if x < _EXP_LO else x
+    p, i = _exp_reduced(x)
     # 2**n as 2**n1 * 2**n2: n reaches 128 for finite results just below FLT_MAX (exp(88.7)),
     # where a single exponent field would already encode inf.
     n1 = np.int32(i >> 1)
@@ -95,13 +103,7 @@ def exp_nonpos(x):
     under = x < _EXP_LO
     x = _ZERO if x > _ZERO else x
     x = _EXP_LO if x < _EXP_LO else x
-    t = x * _LOG2E + _ROUND_MAGIC
-    n = t - _ROUND_MAGIC
-    i = np.int32(viewer(t, np.int32) - _ROUND_MAGIC_BITS)
-    r = x - n * _LN2_HI
-    r = r - n * _LN2_LO
-    z = r * r
-    p = (((((_EP0 * r + _EP1) * r + _EP2) * r + _EP3) * r + _EP4) * r + _EP5) * z + r + _ONE
+    p, i = _exp_reduced(x)
     e = p * viewer(np.int32((i + 127) << 23), np.float32)
     return _ZERO if under else e
 
