@@ -15,8 +15,9 @@ Why not the online softmax: the clip needs the *final* normaliser of the row bef
 so each query block first needs its row max and sum over all keys. Instead of recomputing the score
 tiles in a second pass, the kernel keeps the scores of one query block against all of its keys, a
 (QUERY_BLOCK, L) strip (256 bytes per key, 128 KiB at L = 512; the only scratch that grows with L):
-one BLAS call on the heads' slices of qkv in place (kernels/sgemm.py) fills it, a row pass takes max and sum of exp, a second row pass turns it into p', and
-P' V is one BLAS call that writes the output rows directly. Exact zeros are exploited: key columns that are zero for every row of the block
+one BLAS call on the head's slices of qkv in place (kernels/sgemm.py) fills it, a row pass takes max and
+sum of exp, a second row pass turns it into p', and P' V is one BLAS call that writes the output rows
+directly. Exact zeros are exploited: key columns that are zero for every row of the block
 are dropped (the non-zero columns of P' and rows of V are gathered) when fewer than SPARSE_FRACTION of
 the keys survive, so P' V costs m * nnz * dh instead of m * L * dh; a block with no non-zero p' writes
 zeros without touching V.
@@ -47,8 +48,8 @@ def attention_clipped_softmax(qkv, cu_seqlens, num_heads, head_dim, scale, causa
     for work items w = b*H + h in [w0, w1).
 
     qkv (T, 3*H*dh) float32 with unit column stride; cu_seqlens (B+1,) int64 non-decreasing; out (T, H*dh)
-    float32 with unit column stride; num_heads, head_dim, w0, w1 int64; scale, gamma (<= 0), zeta (>= 1) float64; causal bool. Writes
-    only the rows/columns of the items in [w0, w1). Inputs must be finite.
+    float32 with unit column stride; num_heads, head_dim, w0, w1 int64; scale, gamma (<= 0), zeta (>= 1)
+    float64; causal bool. Writes only the rows/columns of the items in [w0, w1). Inputs must be finite.
     """
     if w1 <= w0:
         return

@@ -18,8 +18,8 @@ on the target, so MR/NP are chosen from the host features (performance only, nev
 The x rows of a block are first packed k-major ((K, MR) per row block) so the kernel reads one
 sequential stream of x instead of MR strided ones. Epilogue, in registers: + bias, the activation
 (kernels/act_ir.py: mathfn's formulas as vector IR, chosen by a run-time switch), + residual, then the tile
-is stored straight into `out`. (Run as a separate loop over each tile's short rows in `out`, GELU cost the
-FFN up-projection ~13 % of its time, ~1.2 ns per element, measured on Zen 4.) Only the last panel group
+is stored straight into `out`. (Against the previous activation loop over each tile's rows in `out`: equal
+speed in an interleaved scratch A/B on Zen 4; kept because one path replaces three.) Only the last panel group
 when N is not a multiple of NR*NP stores the tile to a small scratch, finished with the mathfn helpers in L1
 and copied out (columns < N only).
 
