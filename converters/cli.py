@@ -30,6 +30,10 @@ def register(subparsers) -> None:
                         "(default: the bundled corpus)")
     p.add_argument("--calib-percentile", type=float, default=None, metavar="P",
                    help="static-int8 --calib-method percentile: the percentile kept (default 99.99)")
+    p.add_argument("--attention-precision", choices=["fp32", "bf16"], default=None,
+                   help="softmax attention's products: bf16 (Q, K, V and probabilities rounded to bf16, float32 "
+                        "sums; used where the CPU has AVX512-BF16, fp32 elsewhere) or fp32. Default: bf16 with "
+                        "--quantize dynamic-int8/static-int8, fp32 otherwise")
     p.add_argument("--no-embedding-int8", action="store_true",
                    help="when quantizing, keep the word-embedding table in fp32")
     p.add_argument("--report", nargs="?", const="", default=None, metavar="PATH",
@@ -96,10 +100,13 @@ def _convert(args) -> int:
                              activation_quant=args.activation_quant, weight_method=args.weight_method,
                              smooth_alpha=args.smooth_alpha, embedding_int8=not args.no_embedding_int8,
                              calib=getattr(args, "quant_calib", None), calib_method=args.calib_method or "minmax",
-                             calib_percentile=99.99 if args.calib_percentile is None else args.calib_percentile)
+                             calib_percentile=99.99 if args.calib_percentile is None else args.calib_percentile,
+                             attention_precision=args.attention_precision)
     elif src.suffix == ".onnx" and src.is_file():
         if args.quantize:
             raise EdgeformerError("--quantize is not supported for ONNX sources yet; convert the checkpoint directory")
+        if args.attention_precision:
+            raise EdgeformerError("--attention-precision applies to checkpoint directories")
         from converters.onnx_import import convert_onnx
 
         convert_onnx(src, out, generic=args.generic)

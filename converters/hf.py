@@ -63,10 +63,27 @@ def add_sentence_head(builder, pooling: str | None, normalize: bool) -> None:
     builder.output("sentence_embedding")
 
 
+DEFAULT_ATTENTION_PRECISION = {"dynamic-int8": "bf16", "static-int8": "bf16"}
+
+
+def set_attention_precision(nodes, precision: str) -> None:
+    """Set attribute precision on every non-causal softmax attention node ("fp32" removes it)."""
+    if precision not in ("fp32", "bf16"):
+        raise EdgeformerError(f"attention precision must be fp32 or bf16, got {precision!r}")
+    for node in nodes:
+        if node.op != "attention" or node.attrs.get("kind", "softmax") != "softmax" or node.attrs.get("causal"):
+            continue
+        if precision == "fp32":
+            node.attrs.pop("precision", None)
+        else:
+            node.attrs["precision"] = precision
+
+
 def convert_hf_directory(src, out, *, progress: bool = False, quantize: str | None = None, keep_fp32=(),
                          activation_quant: str = "asymmetric", weight_method: str = "maxabs",
                          embedding_int8: bool = True, smooth_alpha: float | None = None, calib_texts=None, calib=None,
-                         calib_method: str = "minmax", calib_percentile: float = 99.99) -> Path:
+                         calib_method: str = "minmax", calib_percentile: float = 99.99,
+                         attention_precision: str | None = None) -> Path:
     """Convert a checkpoint directory. quantize: None (fp32), "dynamic-int8", "static-int8" or "weights-int8" for the
     encoder linears (converters/quantize.py); keep_fp32: fnmatch patterns of linear names kept in fp32
     (e.g. "encoder.layer.5.*"); activation_quant: "asymmetric" (u8 + zero point) or "symmetric" per token;
@@ -77,7 +94,10 @@ def convert_hf_directory(src, out, *, progress: bool = False, quantize: str | No
     running the fp32 conversion over calib_texts (default: the runtime's built-in corpus).
     quantize="static-int8": per-tensor activation scales calibrated on the fp32 conversion over calib (an .npz
     of feeds, a text file, a list of texts; default calib_texts, else the built-in corpus) with calib_method
-    "minmax", "percentile" (calib_percentile) or "mse" (converters.quantize.calibrate_static)."""
+    "minmax", "percentile" (calib_percentile) or "mse" (converters.quantize.calibrate_static).
+    attention_precision: "fp32" or "bf16" for the softmax attention nodes (ops/attention.py: bf16 products
+    where the CPU has AVX512-BF16); None = the mode's default, DEFAULT_ATTENTION_PRECISION: bf16 for
+    dynamic-int8 and static-int8 (whose activations are 8-bit already), fp32 otherwise."""
     directory, out = Path(src), Path(out)
     if not (directory / "config.json").is_file():
         raise EdgeformerError(f"{directory} is not a Hugging Face checkpoint directory (no config.json)")
@@ -118,6 +138,9 @@ def convert_hf_directory(src, out, *, progress: bool = False, quantize: str | No
                               smooth_alpha=smooth_alpha, act_qparams=act_qparams)
         tensors = LOADERS[model_type](config, ckpt, builder, quantize=policy)
 
+    if attention_precision is None:
+        attention_precision = DEFAULT_ATTENTION_PRECISION.get(quantize, "fp32")
+    set_attention_precision(builder.nodes, attention_precision)
     pooling, normalize, max_len = sentence_transformers_head(directory)
     add_sentence_head(builder, pooling, normalize)
     graph = builder.build()

@@ -190,6 +190,11 @@ def cmd_info(args) -> int:
                  "avx2": "AVX2 vpmaddwd on int16-widened activations (x86-64 without VNNI)",
                  "pairs": "portable LLVM IR (widening multiplies, pairwise adds)"}
     print(f"              linear int8 = {int8_path}: {described.get(int8_path, int8_path)}")
+    from edgeformer.ops.attention import bf16_attention_available
+
+    print("              attention precision bf16 (int8 conversions) = "
+          + ("P V product with AVX512-BF16 vdpbf16ps, scores float32" if bf16_attention_available()
+             else "not available on this CPU (no AVX512-BF16): such models run the float32 attention"))
     return 0
 
 

@@ -140,6 +140,8 @@ def test_minilm_dynamic_int8_accuracy(minilm_pair):
     assert cos.mean() >= 0.998 and cos.min() >= 0.99 and agree >= 0.96, (cos.mean(), cos.min(), agree)
     nodes = [n for n in int8.graph.nodes if n.op == "linear"] if hasattr(int8, "graph") else []
     assert all(n.attrs.get("format") == "int8" for n in nodes)
+    attention = [n for n in int8.graph.nodes if n.op == "attention"]
+    assert attention and all(n.attrs.get("precision") == "bf16" for n in attention)  # the int8 modes' default
     assert (d / "int8.edgeformer").stat().st_size < 0.75 * (d / "fp32.edgeformer").stat().st_size
 
 

@@ -54,21 +54,44 @@ def balanced_by_cost(cost_per_sequence: np.ndarray, num_heads: int, parts: int) 
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def bf16_attention_available() -> bool:
+    """Does this CPU run attention's bf16 products natively (kernels/gemm_bf16.py)?"""
+    from edgeformer.kernels.gemm_bf16 import bf16_available
+
+    return bf16_available()
+
+
 @register_kind("softmax")
 class SoftmaxAttention:
-    """softmax(scale * Q K^T [+ causal mask]) V per head, tiled with an online softmax."""
+    """softmax(scale * Q K^T [+ causal mask]) V per head, tiled with an online softmax.
+
+    Attribute ``precision``: "fp32" (default) or "bf16": Q, K, V and the probabilities rounded to bf16 for
+    the two products, float32 accumulation (kernels/attention_bf16.py), on CPUs with AVX512-BF16 and for
+    non-causal sequences of <= 128 tokens; everywhere else the float32 kernel runs (a model file asks for
+    bf16 as an allowed approximation, never as a requirement). The int8 converters set it."""
 
     def __init__(self, node, num_heads, head_dim):
         self.num_heads, self.head_dim = num_heads, head_dim
         self.scale = attr(node, "scale", float, 1.0 / math.sqrt(head_dim))
         self.causal = bool(attr(node, "causal", bool, False))
+        self.precision = attr(node, "precision", str, "fp32", choices=PRECISIONS)
         if not math.isfinite(self.scale):
             raise GraphError(f"node {node.name!r}: attention scale must be finite, got {self.scale!r}")
+        self.bf16 = self.precision == "bf16" and not self.causal and bf16_attention_available()
 
     def __call__(self, qkv, batch, out, workers):
+        chunks = balanced_items(batch.lengths, self.num_heads, workers.threads, self.head_dim)
+        if self.bf16:
+            from edgeformer.kernels.attention_bf16 import attention_softmax_bf16
+
+            workers.run(attention_softmax_bf16, chunks, qkv, batch.cu_seqlens, self.num_heads, self.head_dim,
+                        self.scale, out)
+            return
         from edgeformer.kernels.attention import attention_softmax
 
-        chunks = balanced_items(batch.lengths, self.num_heads, workers.threads, self.head_dim)
         workers.run(attention_softmax, chunks, qkv, batch.cu_seqlens, self.num_heads, self.head_dim,
                     self.scale, self.causal, out)
 

@@ -109,3 +109,44 @@ def packed_gated_attention_ref(qkv, x, cu_seqlens, num_heads, head_dim, scale, c
     g = attention_gate_ref(x, gate_weight, gate_bias, num_heads, head_dim, gate_scale)  # (T, H)
     T = o.shape[0]
     return (o.reshape(T, num_heads, head_dim) * g[:, :, None]).reshape(T, num_heads * head_dim)
+
+
+def bf16_round(x):
+    """x rounded to bfloat16 (nearest even), returned as float64; x is first rounded to float32."""
+    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return r.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def exp_bf16_ref(x):
+    """kernels/attention_bf16.exp_bf16 in NumPy float32 (x <= 0): one-step reduction, Taylor degree 4, rounded
+    to bf16; returned as float64."""
+    x = np.asarray(x, dtype=np.float32)
+    under = x < np.float32(-87.33654)
+    x = np.maximum(x, np.float32(-87.33654))
+    n = np.rint(x * np.float32(1.4426950408889634)).astype(np.float32)
+    r = (x - n * np.float32(0.6931471805599453)).astype(np.float32)
+    p = ((((r / np.float32(24) + np.float32(1 / 6)) * r + np.float32(0.5)) * r + 1) * r + 1).astype(np.float32)
+    e = (p * np.exp2(n)).astype(np.float32)
+    return np.where(under, 0.0, bf16_round(e))
+
+
+def attention_bf16_ref(q, k, v, key_mask=None, scale=None):
+    """attention_ref (non-causal) with the arithmetic of kernels/attention_bf16.py: scores in float64,
+    unnormalised probabilities exp_bf16_ref(s - max) (bf16), v rounded to bf16, exact products, divided by
+    the sum of the rounded probabilities."""
+    v = bf16_round(v)
+    q, k = np.asarray(q, dtype=np.float64), np.asarray(k, dtype=np.float64)
+    B, H, Sq, dh = q.shape
+    if scale is None:
+        scale = 1.0 / np.sqrt(dh) if dh > 0 else 1.0
+    scores = np.einsum("bhid,bhjd->bhij", q, k) * np.float32(scale)  # (B, H, Sq, Sk)
+    allowed = np.ones(scores.shape, dtype=bool)
+    if key_mask is not None:
+        allowed &= np.asarray(key_mask, dtype=bool)[:, None, None, :]
+    scores = np.where(allowed, scores, -np.inf)
+    row_max = scores.max(axis=-1, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+    e = np.where(allowed, exp_bf16_ref(np.where(allowed, scores - row_max, 0.0)), 0.0)
+    denom = e.sum(axis=-1, keepdims=True)
+    return np.einsum("bhij,bhjd->bhid", e / np.where(denom > 0, denom, 1.0), v)
