@@ -155,6 +155,10 @@ class Workers:
             self._lock.release()
 
     def split(self, fn, total: int, *args, align: int = 1, min_per_thread: int = 1) -> None:
+        if self._pool is None:  # one thread: one range, no list to build (this runs ~50 times per model run)
+            if total > 0:
+                fn(*args, 0, total)
+            return
         parts = min(self.threads, max(1, total // max(1, min_per_thread)))
         self.run(fn, ranges(total, parts, align), *args)
 

@@ -38,16 +38,19 @@ def register_kind(name: str):
 
 def balanced_items(lengths: np.ndarray, num_heads: int, parts: int, head_dim: int) -> list[tuple[int, int]]:
     """Split the B*H (sequence, head) items into contiguous ranges of about equal cost L*(L + dh)."""
+    if parts <= 1:
+        total_items = len(lengths) * num_heads
+        return [(0, total_items)] if total_items else []
     return balanced_by_cost(lengths * (lengths + head_dim), num_heads, parts)
 
 
 def balanced_by_cost(cost_per_sequence: np.ndarray, num_heads: int, parts: int) -> list[tuple[int, int]]:
     """Split the B*H (sequence, head) items into contiguous ranges of about equal total cost, given the
     cost of one head of each sequence (B,)."""
-    cost = np.repeat(np.asarray(cost_per_sequence, dtype=np.float64), num_heads)  # (B*H,)
-    total_items = cost.shape[0]
+    total_items = len(cost_per_sequence) * num_heads
     if parts <= 1 or total_items <= 1:
         return [(0, total_items)] if total_items else []
+    cost = np.repeat(np.asarray(cost_per_sequence, dtype=np.float64), num_heads)  # (B*H,)
     cum = np.cumsum(cost)
     cuts = np.searchsorted(cum, cum[-1] * np.arange(1, parts) / parts, side="right")
     bounds = [0] + sorted(set(int(c) for c in cuts if 0 < c < total_items)) + [total_items]
