@@ -4,7 +4,7 @@ Same contract as kernels/attention.py (packed [Q | K | V] rows, cu_seqlens, work
 non-causal), different arithmetic for the output product of a sequence of L <= SHORT tokens (one tile):
 
     S = scale * Q K^T                          (L x L, float32 on BLAS, as in kernels/attention.py)
-    E = bf16(exp(S - rowmax(S)))               (exp to ~4e-5, then rounded to bf16)
+    E = bf16(exp(S - rowmax(S)))               (exp to ~4e-5, then rounded to bf16; S - max < -86 -> ~5e-38)
     O = (E bf16(V)) / rowsum(E)                (vdpbf16ps, float32 accumulation; the sum is of the rounded E)
 
 bf16(x) rounds to nearest even (8-bit mantissa, relative error <= 2^-9). Dividing by the sum of the
@@ -15,51 +15,27 @@ grows with |q| |k| and softmax exponentiates it; the P V product's error stays r
 Sequences longer than SHORT take the float32 flash path of kernels/attention.py, so no more than one
 L x L tile (L <= SHORT) is ever held per head.
 
-Layout for the micro-kernel (kernels/gemm_bf16.py): E rows as bf16 pairs along the keys (read straight
-from the rounded float32 row as uint64 pairs); V as (L/2, dh16) pairs of consecutive rows, dh16 = dh
-rounded up to 16 with zero columns; an odd last key pairs with an exact zero. Output rows are computed
-into a (rows, dh16) tile and the first dh columns of the first L rows copied out. Inputs must be finite.
+Each score row (128 floats, the first L valid) goes through `softmax_row_bf16` (kernels/gemm_bf16.py): the
+row in eight zmm registers, max, exp (to ~4e-5: the values are rounded to bf16 next), vcvtne2ps2bf16 into
+pairs of consecutive keys, the sum of the rounded values; lanes >= L are exact zeros. V is packed as
+(L/2, dh16) pairs of consecutive rows, dh16 = dh rounded up to 16 with zero columns (an odd last key pairs
+with a zero row). The P V micro-kernel stores whole 8-row tiles straight into `out` when dh is a multiple
+of 16, else into a small tile copied out. Inputs must be finite.
 """
 import numpy as np
 
-from numba.cpython.unsafe.numbers import viewer
-
-from edgeformer.kernels._jit import helper, kernel
+from edgeformer.kernels._jit import kernel
 from edgeformer.kernels.attention import SHORT, attention_softmax
-from edgeformer.kernels.gemm_bf16 import NV_LANES, bf16_bits, bf16_pair, bf16_round, micro_bf16, pair_word
+from edgeformer.kernels.gemm_bf16 import NV_LANES, ROW_MAX, bf16_bits, bf16_pair, micro_bf16, softmax_row_bf16
 from edgeformer.kernels.sgemm import TRANS_N, TRANS_T, sgemm
-from edgeformer.kernels.reduce import add_reassoc, max_nonan
+
+if SHORT > ROW_MAX:
+    raise ImportError("attention_bf16 keeps a score row of at most ROW_MAX floats in registers")
 
 O_MR = 8  # output tile: 8 query rows x 32 (nv = 2) or 16 (nv = 1) head columns
 
 _ONE = np.float32(1.0)
-_ZERO = np.float32(0.0)
 _ZERO_U = np.uint32(0)
-# exp for probabilities that are rounded to bf16 next (relative rounding 2^-9 = 2e-3): x = n ln2 + r with
-# one reduction step (the float32 ln2 is off by 2e-8, so |n| <= 126 moves r by <= 3e-6) and Taylor's
-# degree-4 polynomial on |r| <= ln2/2 (error <= r^5/120 = 4.2e-5): together ~20x below bf16's rounding,
-# with a third fewer operations than mathfn.exp_nonpos (float32-accurate, 8e-8).
-_EXP_LO = np.float32(-87.33654)  # exp(_EXP_LO) >= FLT_MIN; below it the result is flushed to 0
-_LOG2E = np.float32(1.4426950408889634)
-_LN2 = np.float32(0.6931471805599453)
-_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: t = x*log2e + _MAGIC holds round(x*log2e) in its low bits
-_MAGIC_BITS = np.int32(0x4B400000)
-_C2 = np.float32(1.0 / 2.0)
-_C3 = np.float32(1.0 / 6.0)
-_C4 = np.float32(1.0 / 24.0)
-
-
-@helper
-def exp_bf16(x):
-    """exp(x) for float32 x <= 0 rounded to bf16 (a float32 with zero low halves); x < _EXP_LO -> 0."""
-    under = x < _EXP_LO
-    x = _EXP_LO if x < _EXP_LO else x
-    t = x * _LOG2E + _MAGIC
-    n = t - _MAGIC
-    r = x - n * _LN2
-    p = (((_C4 * r + _C3) * r + _C2) * r + _ONE) * r + _ONE
-    e = p * viewer(np.int32((viewer(t, np.int32) - _MAGIC_BITS + 127) << 23), np.float32)
-    return _ZERO if under else bf16_round(e)
 
 
 @kernel(fastmath={"contract"})
@@ -72,6 +48,7 @@ def attention_softmax_bf16(qkv, cu_seqlens, num_heads, head_dim, scale, out, w0,
     dh = head_dim
     D = H * dh
     ld = qkv.strides[0] // 4  # row stride of qkv (elements)
+    ldo = out.strides[0] // 4  # row stride of out (elements)
     dh16 = (dh + NV_LANES - 1) // NV_LANES * NV_LANES
     sc = np.float32(scale)
     maxlen = 0
@@ -80,15 +57,13 @@ def attention_softmax_bf16(qkv, cu_seqlens, num_heads, head_dim, scale, out, w0,
         if length <= SHORT and length > maxlen:
             maxlen = length
     lr = (maxlen + O_MR - 1) // O_MR * O_MR  # rows of the buffers (a multiple of O_MR)
-    lc = (maxlen + 1) // 2 * 2  # row stride of the score tile: even, > maxlen when maxlen is odd
     l2 = max((maxlen + 1) // 2, 1)  # pairs along the keys
     vp = np.zeros((l2, dh16), np.uint32)  # (keys/2, dh16) V as bf16 pairs of consecutive rows
-    s_flat = np.empty(lr * lc, np.float32)  # (rows * lc,) scores, then bf16-rounded probabilities
-    s = s_flat.reshape((lr, lc))  # (rows, lc)
-    s64 = s_flat.view(np.uint64).reshape((lr, lc // 2))  # (rows, lc/2) the same rows read as pairs
-    pb = np.zeros((lr, l2), np.uint32)  # (rows, keys/2) unnormalised probabilities as bf16 pairs
-    o = np.empty((lr, dh16), np.float32)  # (rows, dh16) output tile
+    s = np.zeros((lr, ROW_MAX), np.float32)  # (rows, 128) scores; softmax_row_bf16 reads whole 128-wide rows
+    pb = np.zeros((lr, ROW_MAX // 2), np.uint32)  # (rows, 64) unnormalised probabilities as bf16 pairs
+    o = np.empty((O_MR, dh16), np.float32)  # (8, dh16) output tile of a partial row block or dh % 16 != 0
     inv_rows = np.zeros(lr, np.float32)  # (rows,) 1 / row sum
+    direct = dh16 == dh and out.strides[1] == 4  # full output tiles go straight into out
 
     for w in range(w0, w1):
         b = w // H
@@ -114,42 +89,35 @@ def attention_softmax_bf16(qkv, cu_seqlens, num_heads, head_dim, scale, out, w0,
             else:
                 for d in range(dh):
                     vp_row[d] = bf16_bits(v_even[d])
-        # S = scale * Q K^T in float32 on BLAS (row-major (L, L) with row stride lc = column-major K Q^T)
-        sgemm(TRANS_T, TRANS_N, L, L, dh, sc, qkv, (t0 * ld) + k0, ld, qkv, (t0 * ld) + q0, ld, s_flat, 0, lc)
-        # E = bf16(exp(S - rowmax)) in place (float32 with zero low halves), row sums of the rounded values
+        # S = scale * Q K^T in float32 on BLAS (row-major (L, L) with row stride 128 = column-major K Q^T)
+        sgemm(TRANS_T, TRANS_N, L, L, dh, sc, qkv, (t0 * ld) + k0, ld, qkv, (t0 * ld) + q0, ld, s, 0, ROW_MAX)
+        # E = bf16(exp(S - rowmax)) as pairs, 1 / (row sum of the rounded values); rows >= L: zero weights
         for r in range(L):
-            s_row = s[r]  # (lc,)
-            mx = s_row[0]
-            for c in range(1, L):
-                mx = max_nonan(mx, s_row[c])
-            total = np.float32(0.0)
-            for c in range(L):
-                e = exp_bf16(s_row[c] - mx)
-                s_row[c] = e
-                total = add_reassoc(total, e)
-            if L % 2:
-                s_row[L] = 0.0  # the odd last key's partner (lc > L then)
-            inv_rows[r] = _ONE / total  # total >= 1: the row max gives exp(0) = 1, exact in bf16
-            s_row64 = s64[r]  # (lc/2,) the row as pairs
-            pb_row = pb[r]  # (l2,)
-            for j in range(L2):
-                pb_row[j] = pair_word(s_row64[j])
+            inv_rows[r] = _ONE / softmax_row_bf16(s, r * ROW_MAX, L, pb, r * (ROW_MAX // 2))  # sum >= 1
         for r in range(L, Lr8):
             inv_rows[r] = 0.0
             for j in range(L2):
                 pb[r, j] = _ZERO_U
-        # O = E V / rowsum, tiles of O_MR rows x 32 (then 16) head columns
+        # O = E V / rowsum, tiles of O_MR rows x 32 (then 16) head columns, straight into out when whole
         for r0 in range(0, Lr8, O_MR):
+            into_out = direct and r0 + O_MR <= L
             c0 = 0
-            while c0 + 2 * NV_LANES <= dh16:
-                micro_bf16(O_MR, 2, pb, r0 * pb.shape[1], pb.shape[1], vp, c0, dh16, L2, o, r0 * dh16 + c0, dh16,
-                           inv_rows, r0)
-                c0 += 2 * NV_LANES
-            if c0 < dh16:
-                micro_bf16(O_MR, 1, pb, r0 * pb.shape[1], pb.shape[1], vp, c0, dh16, L2, o, r0 * dh16 + c0, dh16,
-                           inv_rows, r0)
-        for r in range(L):
-            o_dst = out[t0 + r, h * dh : h * dh + dh]  # (dh,)
-            o_row = o[r]  # (dh16,)
-            for d in range(dh):
-                o_dst[d] = o_row[d]
+            while c0 < dh16:
+                if into_out:
+                    dst, dst_off, ldd = out, (t0 + r0) * ldo + h * dh + c0, ldo
+                else:
+                    dst, dst_off, ldd = o, c0, dh16
+                if c0 + 2 * NV_LANES <= dh16:
+                    micro_bf16(O_MR, 2, pb, r0 * (ROW_MAX // 2), ROW_MAX // 2, vp, c0, dh16, L2, dst, dst_off, ldd,
+                               inv_rows, r0)
+                    c0 += 2 * NV_LANES
+                else:
+                    micro_bf16(O_MR, 1, pb, r0 * (ROW_MAX // 2), ROW_MAX // 2, vp, c0, dh16, L2, dst, dst_off, ldd,
+                               inv_rows, r0)
+                    c0 += NV_LANES
+            if not into_out:
+                for r in range(r0, min(r0 + O_MR, L)):
+                    o_dst = out[t0 + r, h * dh : h * dh + dh]  # (dh,)
+                    o_row = o[r - r0]  # (dh16,)
+                    for d in range(dh):
+                        o_dst[d] = o_row[d]

@@ -156,3 +156,106 @@ def micro_bf16(typingctx, mr, nv, a, a_off, lda, b, b_off, ldb, k2, c, c_off, ld
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# ---- one softmax row, rounded to bf16 pairs (attention's E for the P V product) ----------------------------
+ROW_VECTORS = 8  # a row of at most 8 * 16 = 128 scores lives in registers
+ROW_MAX = ROW_VECTORS * NV_LANES
+# exp(x), x <= 0, for values rounded to bf16 next (relative rounding 2^-9): x = n ln2 + r in one step (float32
+# ln2 is off by 2e-8, so |n| <= 124 moves r by <= 3e-6), Taylor degree 4 on |r| <= ln2/2 (<= r^5/120 = 4.2e-5),
+# 2^n added to the exponent field. x is clamped at EXP_LO = -86 so that 2^n stays a normal float (n >= -124):
+# scores more than 86 below the row max get ~5e-38 instead of 0, nothing next to the max's exact 1.
+EXP_LO = -86.0
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_MAGIC = 12582912.0  # 1.5 * 2**23: t = x*log2e + _MAGIC holds round(x*log2e) in its low mantissa bits
+_MAGIC_BITS = 0x4B400000
+TAYLOR = (1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0)  # Horner, highest degree first
+
+
+@intrinsic
+def softmax_row_bf16(typingctx, s, s_off, n, e2, e2_off):
+    """For the n (1..128) scores s[s_off : s_off + n]: E = bf16(exp(s - max)) written as pairs to
+    e2[e2_off : e2_off + 64] (word j = (E[2j], E[2j+1]), low half first; lanes >= n are exact zeros, all 64
+    words are written); returns sum(E) in float32 (of the rounded values). Reads s[s_off : s_off + 128]: the
+    caller's rows must be that long (lanes >= n are ignored, whatever they hold). s float32, e2 uint32.
+    exp as EXP_LO's comment above; the rounding is vcvtne2ps2bf16's (nearest even)."""
+    if not (isinstance(s, types.Array) and s.dtype == types.float32 and isinstance(e2, types.Array)
+            and e2.dtype == types.uint32):
+        return None
+    if not bf16_available():
+        raise TypingError("bf16 softmax row requested on a CPU without AVX512-BF16 (or with NUMBA_CPU_NAME/"
+                          "NUMBA_CPU_FEATURES set): refusing to compile it")
+    ip = types.intp
+    sig = types.float32(s, ip, ip, e2, ip)
+
+    def codegen(context, builder, signature, args):
+        s_arr, s_o, n_v, e_arr, e_o = args
+        sa = signature.args
+        f32, i32, i1 = ir.FloatType(), ir.IntType(32), ir.IntType(1)
+        vf, vi = ir.VectorType(f32, NV_LANES), ir.VectorType(i32, NV_LANES)
+        v32b = ir.VectorType(_BFloat(), 2 * NV_LANES)
+
+        def fsplat(value):
+            return ir.Constant(vf, [float(value)] * NV_LANES)
+
+        def isplat(value):
+            return ir.Constant(vi, [int(value)] * NV_LANES)
+
+        def intrinsic_fn(name, ret, params):
+            fn = builder.module.globals.get(name)
+            return fn if fn is not None else ir.Function(builder.module, ir.FunctionType(ret, params), name)
+
+        s_base = builder.gep(context.make_array(sa[0])(context, builder, s_arr).data, [s_o])
+        e_base = builder.gep(context.make_array(sa[3])(context, builder, e_arr).data, [e_o])
+        n32 = builder.trunc(n_v, i32)
+        n_splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vi, ir.Undefined), n32,
+                                                                ir.Constant(i32, 0)),
+                                         ir.Constant(vi, ir.Undefined), isplat(0))
+        neg_inf = fsplat(float("-inf"))
+        valid, rows = [], []
+        for v in range(ROW_VECTORS):
+            lanes = ir.Constant(vi, [v * NV_LANES + q for q in range(NV_LANES)])
+            ok = builder.icmp_signed("<", lanes, n_splat)  # <16 x i1>
+            x = builder.load(builder.bitcast(builder.gep(s_base, [ir.Constant(ir.IntType(64), v * NV_LANES)]),
+                                             vf.as_pointer()), align=4)
+            valid.append(ok)
+            rows.append(builder.select(ok, x, neg_inf))
+        mx = rows[0]
+        for x in rows[1:]:
+            mx = builder.select(builder.fcmp_ordered(">", x, mx), x, mx)
+        reduce_max = intrinsic_fn("llvm.vector.reduce.fmax.v16f32", f32, [vf])
+        m1 = builder.call(reduce_max, [mx], fastmath=("nnan",))
+        m_splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), m1,
+                                                                ir.Constant(i32, 0)),
+                                         ir.Constant(vf, ir.Undefined), isplat(0))
+        flags = ("contract",)
+        es = []
+        for v in range(ROW_VECTORS):
+            x = builder.fsub(rows[v], m_splat)
+            x = builder.select(builder.fcmp_ordered("<", x, fsplat(EXP_LO)), fsplat(EXP_LO), x)  # -inf too
+            t = builder.fadd(builder.fmul(x, fsplat(_LOG2E), flags=flags), fsplat(_MAGIC), flags=flags)
+            nf = builder.fsub(t, fsplat(_MAGIC))
+            r = builder.fsub(x, builder.fmul(nf, fsplat(_LN2), flags=flags), flags=flags)
+            p = fsplat(TAYLOR[0])
+            for coef in TAYLOR[1:]:
+                p = builder.fadd(builder.fmul(p, r, flags=flags), fsplat(coef), flags=flags)
+            ni = builder.sub(builder.bitcast(t, vi), isplat(_MAGIC_BITS))
+            e = builder.bitcast(builder.add(builder.bitcast(p, vi), builder.shl(ni, isplat(23))), vf)
+            es.append(builder.select(valid[v], e, fsplat(0.0)))
+        cvt = intrinsic_fn("llvm.x86.avx512bf16.cvtne2ps2bf16.512", v32b, [vf, vf])
+        total = fsplat(0.0)
+        high = isplat(-65536)  # 0xFFFF0000
+        for j in range(ROW_VECTORS // 2):
+            # words 0..7 <- pairs of es[2j], words 8..15 <- pairs of es[2j+1]: the row's order
+            lo_half = builder.call(cvt, [es[2 * j + 1], es[2 * j]])
+            words = builder.bitcast(lo_half, vi)  # (16,) pair words, element order
+            ptr = builder.bitcast(builder.gep(e_base, [ir.Constant(ir.IntType(64), j * NV_LANES)]), vi.as_pointer())
+            builder.store(words, ptr, align=4)
+            even = builder.bitcast(builder.shl(words, isplat(16)), vf)
+            odd = builder.bitcast(builder.and_(words, high), vf)
+            total = builder.fadd(total, builder.fadd(even, odd, flags=("reassoc", "nsz")), flags=("reassoc", "nsz"))
+        reduce_add = intrinsic_fn("llvm.vector.reduce.fadd.v16f32", f32, [f32, vf])
+        return builder.call(reduce_add, [ir.Constant(f32, 0.0), total], fastmath=("reassoc", "nsz"))
+
+    return sig, codegen

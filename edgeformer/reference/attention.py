@@ -119,16 +119,13 @@ def bf16_round(x):
 
 
 def exp_bf16_ref(x):
-    """kernels/attention_bf16.exp_bf16 in NumPy float32 (x <= 0): one-step reduction, Taylor degree 4, rounded
-    to bf16; returned as float64."""
-    x = np.asarray(x, dtype=np.float32)
-    under = x < np.float32(-87.33654)
-    x = np.maximum(x, np.float32(-87.33654))
+    """The exp of kernels/gemm_bf16.softmax_row_bf16 in NumPy float32 (x <= 0): clamped at -86, one-step
+    reduction, Taylor degree 4, times 2^n; then rounded to bf16. Returned as float64."""
+    x = np.maximum(np.asarray(x, dtype=np.float32), np.float32(-86.0))
     n = np.rint(x * np.float32(1.4426950408889634)).astype(np.float32)
     r = (x - n * np.float32(0.6931471805599453)).astype(np.float32)
     p = ((((r / np.float32(24) + np.float32(1 / 6)) * r + np.float32(0.5)) * r + 1) * r + 1).astype(np.float32)
-    e = (p * np.exp2(n)).astype(np.float32)
-    return np.where(under, 0.0, bf16_round(e))
+    return bf16_round((p * np.exp2(n)).astype(np.float32))
 
 
 def attention_bf16_ref(q, k, v, key_mask=None, scale=None):
