@@ -118,16 +118,11 @@ def test_one_hot_rows_and_extremes():
     np.testing.assert_array_equal(out, np.broadcast_to(bf16_round(qkv[5, 2 * dh :]).astype(np.float32), (L, dh)))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_precision_attribute_in_a_model(tmp_path, precision, threads):
-    """A model whose attention asks for bf16 matches exact attention within the bf16 bound (and fp32's own bound
-    with precision fp32, or on CPUs without AVX512-BF16, where bf16 falls back to the float32 kernel)."""
-    import edgeformer
+def write_attention_model(path, precision, H=2, dh=16, D_in=8, V=30):
+    """input_ids -> embedding (V, D_in) -> linear qkv -> softmax attention with the given precision."""
     from edgeformer.format import write_model
     from edgeformer.graph import GraphBuilder
 
-    H, dh, D_in, V = 2, 16, 8, 30
     rng = np.random.default_rng(3)
     tensors = {"word": rng.standard_normal((V, D_in)).astype(np.float32),
                "qkv.weight": rng.standard_normal((3 * H * dh, D_in)).astype(np.float32)}
@@ -139,8 +134,39 @@ def test_precision_attribute_in_a_model(tmp_path, precision, threads):
     g.add("attention", "attn", [qkv], {}, {"kind": "softmax", "num_heads": H, "head_dim": dh, "precision": precision},
           output="out")
     g.output("out")
-    path = tmp_path / "m.edgeformer"
     write_model(path, tensors, g.build().to_json())
+    return tensors
+
+
+def test_bf16_request_without_the_cpu_feature_runs_float32(tmp_path, monkeypatch):
+    """On a CPU without AVX512-BF16 a bf16 model is the float32 model, bit for bit (simulated here)."""
+    import edgeformer
+    import edgeformer.ops.attention as attention_op
+
+    write_attention_model(tmp_path / "bf16.edgeformer", "bf16")
+    write_attention_model(tmp_path / "fp32.edgeformer", "fp32")
+    ids = np.random.default_rng(5).integers(0, 30, (2, 40))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    monkeypatch.setattr(attention_op, "bf16_attention_available", lambda: False)
+    a, b = edgeformer.load(tmp_path / "bf16.edgeformer"), edgeformer.load(tmp_path / "fp32.edgeformer")
+    try:
+        np.testing.assert_array_equal(a.run(feeds)["out"], b.run(feeds)["out"])
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_precision_attribute_in_a_model(tmp_path, precision, threads):
+    """A model whose attention asks for bf16 matches exact attention within the bf16 bound (and fp32's own bound
+    with precision fp32, or on CPUs without AVX512-BF16, where bf16 falls back to the float32 kernel)."""
+    import edgeformer
+
+    H, dh, D_in, V = 2, 16, 8, 30
+    path = tmp_path / "m.edgeformer"
+    tensors = write_attention_model(path, precision, H, dh, D_in, V)
+    rng = np.random.default_rng(4)
     ids = rng.integers(0, V, (3, 150))
     mask = np.ones_like(ids)
     mask[1, 60:] = 0  # lengths 150 (float32 path), 60, 7 (bf16 path)
