@@ -296,7 +296,7 @@ def main() -> int:
         rss_worker(*sys.argv[2:4])
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default="1x128,32x128")
+    p.add_argument("--shapes", default="1x16,1x128,1x512,8x128,32x128")  # issue 7: the shapes of "Runtime core"
     p.add_argument("--repeat", type=int, default=21)
     p.add_argument("--texts", type=int, default=256)
     p.add_argument("--quick", action="store_true")

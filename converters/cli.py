@@ -31,9 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--calib-percentile", type=float, default=None, metavar="P",
                    help="static-int8 --calib-method percentile: the percentile kept (default 99.99)")
     p.add_argument("--attention-precision", choices=["fp32", "bf16"], default=None,
-                   help="softmax attention's products: bf16 (Q, K, V and probabilities rounded to bf16, float32 "
-                        "sums; used where the CPU has AVX512-BF16, fp32 elsewhere) or fp32. Default: bf16 with "
-                        "--quantize dynamic-int8/static-int8, fp32 otherwise")
+                   help="softmax attention's P V product: bf16 (probabilities and V rounded to bf16, float32 sums; "
+                        "scores stay float32; used where the CPU has AVX512-BF16, fp32 elsewhere) or fp32. "
+                        "Default: bf16 with --quantize dynamic-int8/static-int8, fp32 otherwise")
     p.add_argument("--no-embedding-int8", action="store_true",
                    help="when quantizing, keep the word-embedding table in fp32")
     p.add_argument("--report", nargs="?", const="", default=None, metavar="PATH",

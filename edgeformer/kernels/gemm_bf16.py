@@ -1,4 +1,4 @@
-"""bf16 dot-product micro-kernel (AVX512-BF16 `vdpbf16ps`) for attention's two small products.
+"""AVX512-BF16 pieces of attention's bf16 P V product: a `vdpbf16ps` micro-kernel and one softmax row.
 
     c[c_off + i*ldc + n] = rs[rs_off + i] * sum_p  a2[i, p] . b2[p, n]        i < MR, n < NV*16, p < k2
 
@@ -7,11 +7,12 @@ little-endian memory holds two consecutive bf16): a2[i, p] = a[a_off + i*lda + p
 and b2[p, n] = b[b_off + p*ldb + n] is (B[2p, n], B[2p+1, n]); "." multiplies the two pairs and adds the
 products, which is exactly what one lane of `vdpbf16ps` does (products exact, float32 accumulation with
 round-to-nearest-even, bf16 inputs and float32 results denormal-flushed). rs is a per-row float32 scale
-(the softmax scale for the scores, 1 / row sum for the output), applied once in registers before the store.
+(1 / row sum for attention's output), applied once in registers before the store. `softmax_row_bf16`
+turns one row of scores into those bf16 pairs (below).
 
-Why bf16: `vdpbf16ps` does 32 multiply-adds per zmm instruction against 16 for an fp32 FMA, and
-attention's operands tolerate bf16's 8-bit mantissa (relative rounding 2^-9) in int8 models whose
-activations are already 8-bit: kernels/attention_bf16.py states the accuracy measured.
+Why bf16: `vdpbf16ps` does 32 multiply-adds per zmm instruction against 16 for an fp32 FMA, and the
+probabilities and V tolerate bf16's 8-bit mantissa (relative rounding 2^-9) in int8 models whose
+activations are already 8-bit; the scores do not (kernels/attention_bf16.py states the accuracy measured).
 
 bfloat has no llvmlite type: `_BFloat` prints as LLVM's `bfloat`, so the intrinsic's operands are
 <32 x bfloat> bitcasts of <16 x i32> pair vectors. Compiling the intrinsic for a CPU without AVX512-BF16

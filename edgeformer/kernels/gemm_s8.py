@@ -52,8 +52,8 @@ groups (NP panels of B, in L1 while the chunk's row blocks pass), then blocks of
 stores float32 straight into the output; only edge blocks go through an int32 tile. While a group's row
 blocks run, the next group's weights are prefetched into L2 (prefetcht1, spread over the row blocks): the
 first row block of a group otherwise waits on memory for each of its lines (in-process A/B, int8 MiniLM
-1x128: 0.992 median ratio; into L1 instead: 4 % slower, L1 thrashes; two groups ahead: 1 % slower). Activation and
-residual follow in one pass over each chunk's rows. (Before, every 4 x 16 tile went through an int32
+1x128: 0.992 median ratio; into L1 instead: 4 % slower, L1 thrashes; two groups ahead: 1 % slower).
+Activation and residual follow in one pass over each chunk's rows. (Before, every 4 x 16 tile went through an int32
 buffer and short per-tile float loops: on a Zen 3 core that epilogue took as long as 60 % of the
 multiply-adds in a scratch measurement; bench/gemm_s8_paths.py measures the paths as they are now.)
 """
@@ -869,7 +869,8 @@ def _gemm_s8(path, mr, npn, aq, sa, zp, wp, colsum, ws, n_out, bias, residual, a
             # of four interleaved panel streams consumed at compute speed)
             pf_off = (g0 + npn) * pstride  # bytes of wflat
             pf_lines = ((min(p1, g0 + 2 * npn) - g0 - npn) * pstride + 63) // 64 if g0 + npn < p1 else 0
-            pf_per_block = (pf_lines + (c1 - c0 + mr - 1) // mr - 1) // ((c1 - c0 + mr - 1) // mr)
+            blocks = (c1 - c0 + mr - 1) // mr
+            pf_per_block = (pf_lines + blocks - 1) // blocks
             pf_next = 0
             for b0 in range(c0, c1, mr):
                 mrb = min(mr, c1 - b0)

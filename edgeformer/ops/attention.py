@@ -71,10 +71,10 @@ def bf16_attention_available() -> bool:
 class SoftmaxAttention:
     """softmax(scale * Q K^T [+ causal mask]) V per head, tiled with an online softmax.
 
-    Attribute ``precision``: "fp32" (default) or "bf16": Q, K, V and the probabilities rounded to bf16 for
-    the two products, float32 accumulation (kernels/attention_bf16.py), on CPUs with AVX512-BF16 and for
-    non-causal sequences of <= 128 tokens; everywhere else the float32 kernel runs (a model file asks for
-    bf16 as an allowed approximation, never as a requirement). The int8 converters set it."""
+    Attribute ``precision``: "fp32" (default) or "bf16": the probabilities and V rounded to bf16 for the
+    P V product, float32 accumulation, scores float32 (kernels/attention_bf16.py), on CPUs with AVX512-BF16
+    and for non-causal sequences of <= 128 tokens; everywhere else the float32 kernel runs (a model file asks
+    for bf16 as an allowed approximation, never as a requirement). The int8 converters set it."""
 
     def __init__(self, node, num_heads, head_dim):
         self.num_heads, self.head_dim = num_heads, head_dim
