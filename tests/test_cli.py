@@ -70,8 +70,15 @@ def test_convert_quantized_and_onnx_and_check(tiny_dir, tmp_path, capsys):
     int8 = tmp_path / "tiny-int8.edgeformer"
     assert main(["convert", str(tiny_dir), "-o", str(int8), "--quantize", "dynamic-int8",
                  "--keep-fp32", "encoder.layer.1.*"]) == 0
-    formats = {n.name: n.attrs.get("format") for n in edgeformer.load(int8).graph.nodes if n.op == "linear"}
+    graph = edgeformer.load(int8).graph
+    formats = {n.name: n.attrs.get("format") for n in graph.nodes if n.op == "linear"}
     assert formats["encoder.layer.0.attention.qkv"] == "int8" and formats["encoder.layer.1.output.dense"] == "fp32"
+    assert all(n.attrs.get("precision") == "bf16" for n in graph.nodes if n.op == "attention")  # int8 default
+    fp32_attention = tmp_path / "tiny-int8-fp32-attention.edgeformer"
+    assert main(["convert", str(tiny_dir), "-o", str(fp32_attention), "--quantize", "dynamic-int8",
+                 "--attention-precision", "fp32"]) == 0
+    attention = [n for n in edgeformer.load(fp32_attention).graph.nodes if n.op == "attention"]
+    assert attention and all("precision" not in n.attrs for n in attention)
 
     import torch
     from transformers import BertModel
@@ -96,3 +103,4 @@ def test_convert_quantized_and_onnx_and_check(tiny_dir, tmp_path, capsys):
     assert main(["check", str(onnx_path), "--model", str(converted), "--batch", "3", "--seq", "9"]) == 0
     assert "last_hidden_state" in capsys.readouterr().out
     assert main(["convert", str(tmp_path / "missing.onnx"), "-o", str(converted)]) == 1
+    assert main(["convert", str(onnx_path), "-o", str(converted), "--attention-precision", "bf16"]) == 1
