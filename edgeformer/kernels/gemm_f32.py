@@ -207,47 +207,34 @@ def _make_micro(mr, npn):
     return micro
 
 
+def _emit_prefetch(context, builder, signature, args, rw, locality):
+    """llvm.prefetch of the cache line holding a.flat[off] (args[0], args[1]); rw 0 read / 1 write."""
+    arr = context.make_array(signature.args[0])(context, builder, args[0])
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    fn = builder.module.globals.get("llvm.prefetch.p0")
+    if fn is None:
+        fn = ir.Function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+    ptr = builder.bitcast(builder.gep(arr.data, [args[1]]), i8p)
+    builder.call(fn, [ptr, ir.Constant(i32, rw), ir.Constant(i32, locality), ir.Constant(i32, 1)])  # data cache
+    return context.get_dummy_value()
+
+
 @intrinsic
 def _prefetch(typingctx, a, off, write):
-    """Hint: bring the cache line holding a.flat[off] towards L1 (llvm.prefetch; a no-op where unsupported)."""
+    """Hint: bring the cache line holding a.flat[off] towards L1 (llvm.prefetch, locality 3: keep in all
+    levels; a no-op where unsupported). write must be a literal (0 read, 1 write)."""
     if not isinstance(write, types.IntegerLiteral):
         return None
     rw = write.literal_value
-    sig = types.void(a, types.intp, write)
-
-    def codegen(context, builder, signature, args):
-        arr = context.make_array(signature.args[0])(context, builder, args[0])
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fn = builder.module.globals.get("llvm.prefetch.p0")
-        if fn is None:
-            fn = ir.Function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
-        ptr = builder.bitcast(builder.gep(arr.data, [args[1]]), i8p)
-        # read, locality 3 (keep in all levels), data cache
-        builder.call(fn, [ptr, ir.Constant(i32, rw), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
+    return types.void(a, types.intp, write), lambda c, b, sig, args: _emit_prefetch(c, b, sig, args, rw, 3)
 
 
 @intrinsic
 def _prefetch_l2(typingctx, a, off):
-    """Hint: bring the cache line holding a.flat[off] into L2 (llvm.prefetch read, locality 2: prefetcht1 on
-    x86, which on AMD Zen fills L2 and not L1; a no-op where unsupported)."""
-    sig = types.void(a, types.intp)
-
-    def codegen(context, builder, signature, args):
-        arr = context.make_array(signature.args[0])(context, builder, args[0])
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fn = builder.module.globals.get("llvm.prefetch.p0")
-        if fn is None:
-            fn = ir.Function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
-        ptr = builder.bitcast(builder.gep(arr.data, [args[1]]), i8p)
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
+    """Hint: bring the cache line holding a.flat[off] into L2 (read, locality 2: prefetcht1 on x86, which on
+    AMD Zen fills L2 and not L1; a no-op where unsupported)."""
+    return types.void(a, types.intp), lambda c, b, sig, args: _emit_prefetch(c, b, sig, args, 0, 2)
 
 
 _micro_1_1, _micro_2_1, _micro_3_1, _micro_4_1, _micro_5_1, _micro_6_1 = (_make_micro(m, 1) for m in range(1, 7))
