@@ -76,6 +76,8 @@ def cmd_inspect(args) -> int:
         label = node.op if node.op not in ("linear", "attention", "onnx") else \
             f"onnx[{node.attrs.get('op_type')}]" if node.op == "onnx" else \
             f"{node.op}[{node.attrs.get('format', node.attrs.get('kind', 'fp32' if node.op == 'linear' else 'softmax'))}]"
+        if node.op == "attention" and node.attrs.get("precision", "fp32") != "fp32":
+            label = f"{label[:-1]}, {node.attrs['precision']}]"  # e.g. attention[softmax, bf16]
         counts[label] = counts.get(label, 0) + 1
         params = sum(int(model.tensors[t].size) for t in node.weights.values())
         nbytes = sum(int(model.tensors[t].nbytes) for t in node.weights.values())

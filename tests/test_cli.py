@@ -74,6 +74,8 @@ def test_convert_quantized_and_onnx_and_check(tiny_dir, tmp_path, capsys):
     formats = {n.name: n.attrs.get("format") for n in graph.nodes if n.op == "linear"}
     assert formats["encoder.layer.0.attention.qkv"] == "int8" and formats["encoder.layer.1.output.dense"] == "fp32"
     assert all(n.attrs.get("precision") == "bf16" for n in graph.nodes if n.op == "attention")  # int8 default
+    assert main(["inspect", str(int8)]) == 0
+    assert "attention[softmax, bf16] x2" in capsys.readouterr().out
     fp32_attention = tmp_path / "tiny-int8-fp32-attention.edgeformer"
     assert main(["convert", str(tiny_dir), "-o", str(fp32_attention), "--quantize", "dynamic-int8",
                  "--attention-precision", "fp32"]) == 0
