@@ -71,23 +71,6 @@ def bf16_bits(x):
 
 
 @helper
-def bf16_round(x):
-    """float32 x rounded to bf16 (nearest even), as a float32 whose low 16 bits are zero."""
-    return viewer(np.uint32(bf16_bits(x) << 16), np.float32)
-
-
-_LOW_HALF = np.uint64(0xFFFF)
-_HIGH_HALF = np.uint64(0xFFFF0000)
-
-
-@helper
-def pair_word(two):
-    """Two float32 already rounded to bf16, read together as one uint64 (little-endian: the first in the low
-    half), -> the uint32 word of their bf16 pair."""
-    return np.uint32(((two >> np.uint64(16)) & _LOW_HALF) | ((two >> np.uint64(32)) & _HIGH_HALF))
-
-
-@helper
 def bf16_pair(lo, hi):
     """One uint32 word holding bf16(lo) (low half) and bf16(hi) (high half)."""
     return np.uint32(bf16_bits(lo) | (bf16_bits(hi) << 16))
