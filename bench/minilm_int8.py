@@ -4,6 +4,8 @@
 
     taskset -c 1 python bench/minilm_int8.py                 # accuracy (256 texts) + speed + size + RSS
     taskset -c 1 python bench/minilm_int8.py --quick         # fewer repeats
+    taskset -c 1 python bench/minilm_int8.py --compare-attention --shapes 1x128 --skip-rss --no-static
+                                                             # bf16 against fp32 attention, same rounds
     python bench/minilm_int8.py --shapes 1x128,32x128 --repeat 15 --skip-rss
     python bench/minilm_int8.py --texts 20 --shapes 1x16 --repeat 2 --skip-rss --out /tmp/r   # smoke run
 
@@ -112,7 +114,8 @@ def ct2_engine(model_dir: Path, threads: int = 1):
 
 
 def make_engines(ef: Path, onnx_int8: Path, threads: int = 1, ct2_dir: Path | None = None,
-                 ef_static: Path | None = None):
+                 ef_static: Path | None = None, extra: dict | None = None):
+    """The engines of one run; extra: {engine name: another edgeformer model file} run beside them."""
     import edgeformer
     from converters.baselines import ort_engine
 
@@ -131,6 +134,9 @@ def make_engines(ef: Path, onnx_int8: Path, threads: int = 1, ct2_dir: Path | No
             return static.run(feeds, outputs=["last_hidden_state"])["last_hidden_state"]
 
         engines["edgeformer static-int8"] = static_run
+    for name, path in (extra or {}).items():
+        other = edgeformer.load(path, threads=threads)
+        engines[name] = lambda feeds, other=other: other.run(feeds, outputs=["last_hidden_state"])["last_hidden_state"]
     return model, engines
 
 
@@ -305,6 +311,9 @@ def main() -> int:
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--no-ctranslate2", action="store_true", help="leave CTranslate2 out even when installed")
     p.add_argument("--no-static", action="store_true", help="leave edgeformer static-int8 out")
+    p.add_argument("--compare-attention", action="store_true",
+                   help="also run the dynamic-int8 model converted with the other --attention-precision, in the "
+                        "same interleaved rounds and accuracy table")
     p.add_argument("--attention-precision", default="bf16", choices=["bf16", "fp32"],
                    help="the converters' --attention-precision (default bf16, the int8 modes' default; it takes "
                         "effect only on CPUs with AVX512-BF16)")
@@ -317,7 +326,12 @@ def main() -> int:
     src, ef, ef_static, onnx_int8 = paths(workdir, args.weight_method, args.attention_precision)
     ct2_dir, ct2_note = (None, "skipped (--no-ctranslate2)") if args.no_ctranslate2 else ct2_model(src, workdir)
     print(f"CTranslate2: {ct2_note}")
-    model, engines = make_engines(ef, onnx_int8, ct2_dir=ct2_dir, ef_static=None if args.no_static else ef_static)
+    extra = {}
+    if args.compare_attention:
+        other = "fp32" if args.attention_precision == "bf16" else "bf16"
+        extra[f"edgeformer int8, {other} attention"] = paths(workdir, args.weight_method, other)[1]
+    model, engines = make_engines(ef, onnx_int8, ct2_dir=ct2_dir, ef_static=None if args.no_static else ef_static,
+                                  extra=extra)
     size = {"edgeformer": ef.stat().st_size, "ort": onnx_int8.stat().st_size}
     rss_models = {"edgeformer": ef, "ort": onnx_int8}
     if not args.no_static:
