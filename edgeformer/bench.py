@@ -20,7 +20,8 @@ def add_arguments(p) -> None:
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per cell at least")
     p.add_argument("--json", help="write the results to this JSON file")
-    p.add_argument("--vs", default="", help="baselines in the same process: onnxruntime,torch (need --source)")
+    p.add_argument("--vs", default="", help="baselines in the same process: onnxruntime,torch (need --source); "
+                                             "unfused: this model loaded with --no-fuse")
     p.add_argument("--source", help="Hugging Face checkpoint directory the model was converted from (for --vs)")
     p.set_defaults(func=cmd_bench)
 
@@ -61,13 +62,16 @@ def cmd_bench(args) -> int:
 
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
     thread_counts = [int(t) for t in args.thread_counts.split(",")] if args.thread_counts else [args.threads or 1]
-    baselines = [b for b in args.vs.split(",") if b]
+    baselines = [b for b in args.vs.split(",") if b and b != "unfused"]
     rng = np.random.default_rng(0)
     results = []
     for threads in thread_counts:
-        model = edgeformer.load(args.model, threads=threads)
+        model = edgeformer.load(args.model, threads=threads, fuse=not args.no_fuse)
         vocab = _vocab_size(model)
         engines = {"edgeformer": None}
+        if "unfused" in args.vs.split(","):  # the same file without load-time fusion, same process
+            unfused = edgeformer.load(args.model, threads=threads, fuse=False)
+            engines["unfused"] = lambda feeds, m=unfused: m.run(feeds, outputs=["last_hidden_state"])
         if baselines:
             engines.update(_baseline_maker()(baselines, args.source, threads, model))
         for batch, seq in shapes:

@@ -20,7 +20,7 @@ from edgeformer.errors import EdgeformerError, InputError
 def _load(args):
     import edgeformer
 
-    return edgeformer.load(args.model, threads=args.threads)
+    return edgeformer.load(args.model, threads=args.threads, fuse=not args.no_fuse)
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("model", help="an .edgeformer model file")
         p.add_argument("--threads", type=int, default=None, help="worker threads (default: usable cores)")
+        p.add_argument("--no-fuse", action="store_true",
+                       help="run every node as its own step (no load-time fusion; same outputs, for comparisons)")
         return p
 
     p = model_parser("run", "run a model on .npz/.npy feeds or on text")

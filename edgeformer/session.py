@@ -2,8 +2,8 @@
 
 ``load`` reads the model file (zero-copy mmap), validates the graph once, binds every node to its
 weights and fuses what can be fused (edgeformer/fusion.py: an int8 linear feeding only another int8 linear
-hands it quantised rows), so ``Model.run`` only checks the feeds, packs the valid tokens, calls the bound
-nodes in order and unpacks the outputs. A Model is immutable after load and safe to share between Python threads.
+hands it quantised rows; a post-LN encoder layer of int8 linears runs as one Numba call), so ``Model.run``
+only checks the feeds, packs the valid tokens, calls the bound steps in order and unpacks the outputs. A Model is immutable after load and safe to share between Python threads.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from edgeformer import blas, llvm_pages
 from edgeformer.batch import Batch
 from edgeformer.errors import InputError, ModelFileError
 from edgeformer.format import read_model
-from edgeformer.fusion import fuse_requantize
+from edgeformer.fusion import fuse_encoder_layers, fuse_requantize
 from edgeformer.graph import DENSE, IDS, TOKENS, Graph, input_kind, last_uses, validate
 from edgeformer.ops import REGISTRY
 from edgeformer.workers import Workers, default_threads
@@ -35,7 +35,7 @@ class TensorSpec:
 class Model:
     """A loaded model. ``run(feeds)`` maps input names to padded (B, S) integer arrays."""
 
-    def __init__(self, model_file, graph: Graph, threads: int):
+    def __init__(self, model_file, graph: Graph, threads: int, fuse: bool = True):
         self._file = model_file
         self._graph = graph
         self._types = validate(graph, model_file.tensors, REGISTRY)
@@ -47,7 +47,10 @@ class Model:
             weights = {role: model_file.tensors[t] for role, t in node.weights.items()}
             self._steps.append((node, REGISTRY[node.op].bind(node, weights)))
         self._plain_steps = self._steps  # what observers see: every value as its op defines it
-        self._steps = fuse_requantize(self._plain_steps, {s["name"] for s in graph.outputs})
+        if fuse:
+            graph_outputs = {s["name"] for s in graph.outputs}
+            self._steps = fuse_encoder_layers(self._plain_steps, fuse_requantize(self._plain_steps, graph_outputs),
+                                              graph_outputs)
         self._last_use = last_uses(graph)
         self._workers = Workers(threads)
         self._kinds = {s["name"]: input_kind(s) for s in graph.inputs}
@@ -133,15 +136,19 @@ class Model:
         for index, (node, step) in enumerate(self._steps if observe is None else self._plain_steps):
             if observe is not None:
                 observe(node, [env[v] for v in node.inputs])
-            if profile is None:
+            if step is None:  # run by the fused step before it (edgeformer/fusion.py)
+                pass
+            elif profile is None:
                 results = step([env[v] for v in node.inputs], batch, self._workers)
+                for value, result in zip(node.outputs, results):
+                    env[value] = result
             else:
                 start = time.perf_counter()
                 results = step([env[v] for v in node.inputs], batch, self._workers)
                 label = _label(node)
                 profile[label] = profile.get(label, 0.0) + time.perf_counter() - start
-            for value, result in zip(node.outputs, results):
-                env[value] = result
+                for value, result in zip(node.outputs, results):
+                    env[value] = result
             for value in node.inputs:
                 if self._last_use.get(value) == index:
                     env.pop(value, None)
@@ -325,8 +332,12 @@ def _label(node) -> str:
     return node.op
 
 
-def load(path, threads: int | None = None) -> Model:
-    """Open a model file and prepare it to run with ``threads`` threads (default: the usable cores)."""
+def load(path, threads: int | None = None, fuse: bool = True) -> Model:
+    """Open a model file and prepare it to run with ``threads`` threads (default: the usable cores).
+
+    ``fuse=False`` skips the load-time fusions (edgeformer/fusion.py: whole int8 encoder layers in one call,
+    quantised rows handed from one int8 linear to the next): every node then runs as its own step, as
+    ``run(observe=...)`` always does. For comparisons and debugging; the outputs are the same."""
     threads = default_threads() if threads is None else threads
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
@@ -337,6 +348,6 @@ def load(path, threads: int | None = None) -> Model:
         raise ModelFileError(f"graph is not valid JSON: {exc}") from None
     blas.import_cython_blas()
     blas.pin_blas_to_one_thread()
-    model = Model(model_file, graph, threads)
+    model = Model(model_file, graph, threads, fuse=fuse)
     llvm_pages.release_if_new_kernels()  # the first call also drops what `import numba` touched
     return model

@@ -76,6 +76,18 @@ def test_convert_quantized_and_onnx_and_check(tiny_dir, tmp_path, capsys):
     assert all(n.attrs.get("precision") == "bf16" for n in graph.nodes if n.op == "attention")  # int8 default
     assert main(["inspect", str(int8)]) == 0
     assert "attention[softmax, bf16] x2" in capsys.readouterr().out
+    # layer 0 runs as one fused step; --no-fuse runs every node alone, same outputs; bench --vs unfused times both
+    assert [n.name for n, _ in edgeformer.load(int8, threads=1)._steps if n.op == "encoder_layer"] == ["encoder.layer.0"]
+    np.savez(tmp_path / "feeds.npz", input_ids=np.array([[1, 5, 7, 9, 2]], dtype=np.int64))
+    for flags, name in (([], "fused.npz"), (["--no-fuse"], "plain.npz")):
+        assert main(["run", str(int8), str(tmp_path / "feeds.npz"), "--threads", "1", "-o", str(tmp_path / name)]
+                    + flags) == 0
+    with np.load(tmp_path / "fused.npz") as fused, np.load(tmp_path / "plain.npz") as plain:
+        np.testing.assert_array_equal(fused["last_hidden_state"], plain["last_hidden_state"])
+    report = tmp_path / "bench-unfused.json"
+    assert main(["bench", str(int8), "--threads", "1", "--shapes", "1x8", "--repeat", "2", "--warmup", "1",
+                 "--min-time", "0", "--vs", "unfused", "--json", str(report)]) == 0
+    assert [c["engine"] for c in json.loads(report.read_text())["results"]] == ["edgeformer", "unfused"]
     fp32_attention = tmp_path / "tiny-int8-fp32-attention.edgeformer"
     assert main(["convert", str(tiny_dir), "-o", str(fp32_attention), "--quantize", "dynamic-int8",
                  "--attention-precision", "fp32"]) == 0

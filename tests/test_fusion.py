@@ -103,3 +103,116 @@ def test_pairs_that_do_not_qualify_stay_unfused(tmp_path, variant):
     assert _fused_pairs(model) == 0
     out = model.run(_feeds(2, 10))
     assert all(np.all(np.isfinite(v)) for v in out.values())
+
+
+# ---- whole encoder layers (kernels/encoder_layer.py) ----------------------------------------------------------
+
+def _int8_bert(path, *, act="gelu", activation_quant="asymmetric", smooth=True, precision="bf16", keep_fp32=(),
+               hidden=40, heads=5, ffn=72, layers=2, positions=160, seed=0):
+    """A tiny random BERT with dynamic int8 encoder linears, through the real converter pieces."""
+    from converters.bert import load_bert
+    from converters.checkpoint import Checkpoint
+    from converters.hf import add_sentence_head, set_attention_precision
+    from converters.quantize import LinearPolicy
+    from tests.helpers import tiny_bert_arrays
+
+    arrays = tiny_bert_arrays(hidden=hidden, heads=heads, layers=layers, ffn=ffn, positions=positions, seed=seed)
+    config = {"model_type": "bert", "vocab_size": 120, "hidden_size": hidden, "num_hidden_layers": layers,
+              "num_attention_heads": heads, "intermediate_size": ffn, "max_position_embeddings": positions,
+              "type_vocab_size": 2, "hidden_act": act, "layer_norm_eps": 1e-12}
+    rng = np.random.default_rng(seed + 1)
+    amax = {}
+    for i in range(layers):
+        for part in ("attention.qkv", "attention.output.dense", "intermediate.dense", "output.dense"):
+            k = ffn if part == "output.dense" else hidden
+            amax[f"encoder.layer.{i}.{part}"] = rng.uniform(0.1, 8.0, k)
+    policy = LinearPolicy("dynamic-int8", keep_fp32=keep_fp32, activation_quant=activation_quant,
+                          act_amax=amax if smooth else None, smooth_alpha=0.5 if smooth else 0.0)
+    builder = GraphBuilder("int8-bert")
+    tensors = load_bert(config, Checkpoint(arrays), builder, quantize=policy)
+    set_attention_precision(builder.nodes, precision)
+    add_sentence_head(builder, "mean", True)
+    write_model(path, tensors, builder.build().to_json())
+    return path
+
+
+def _fused_layers(model):
+    return [n.name for n, s in model._steps if n.op == "encoder_layer"]
+
+
+def _bert_feeds(batch, seq, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 120, (batch, seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    if batch > 1:
+        mask[-1, max(1, seq // 3):] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": (rng.random((batch, seq)) < 0.3) * 1}
+
+
+@pytest.mark.parametrize("act, activation_quant, smooth, precision", [
+    ("gelu", "asymmetric", True, "bf16"), ("relu", "symmetric", True, "bf16"), ("gelu", "asymmetric", False, "fp32"),
+    ("gelu_new", "symmetric", True, "fp32")])
+def test_encoder_layers_fused_and_exact(tmp_path, act, activation_quant, smooth, precision):
+    """Every layer is one fused step, and its outputs equal the per-node steps' (observe= runs those) and two
+    threads' (which run the steps): lengths 1..150, padded batches, head_dim 8 (bf16 tiles copied out) and 16
+    (stored in place). Bit-identical up to 128 tokens; beyond (the float32 flash path, whose row sums are
+    reassociable adds) LLVM may vectorise a sum differently once the kernel is linked into the fused layer
+    (seen only when the fused kernel comes from Numba's cache), so there the bound is a few ulp."""
+    for hidden, heads in [(40, 5), (64, 4)]:
+        path = _int8_bert(tmp_path / f"m{hidden}.edgeformer", act=act, activation_quant=activation_quant,
+                          smooth=smooth, precision=precision, hidden=hidden, heads=heads)
+        one, two = edgeformer.load(path, threads=1), edgeformer.load(path, threads=2)
+        assert _fused_layers(one) == ["encoder.layer.0", "encoder.layer.1"]
+        for batch, seq in [(1, 1), (1, 17), (3, 40), (2, 150)]:
+            feeds = _bert_feeds(batch, seq, seed=batch * seq + hidden)
+            fused = one.run(feeds)
+            plain = one.run(feeds, observe=lambda node, inputs: None)
+            threads2 = two.run(feeds)
+            for name in fused:
+                if seq <= 128:
+                    np.testing.assert_array_equal(fused[name], plain[name])
+                    np.testing.assert_array_equal(fused[name], threads2[name])
+                else:
+                    np.testing.assert_allclose(fused[name], plain[name], rtol=1e-5, atol=1e-5)
+                    np.testing.assert_allclose(fused[name], threads2[name], rtol=1e-5, atol=1e-5)
+                assert np.all(np.isfinite(fused[name]))
+
+
+def test_encoder_layer_matches_fp32_reference(tmp_path):
+    """The fused int8 model stays close to the float32 conversion of the same weights (an independent path:
+    fp32 kernels, no quantisation), so the fused kernel cannot be exact-but-wrong on both sides."""
+    from converters.bert import load_bert
+    from converters.checkpoint import Checkpoint
+    from converters.hf import add_sentence_head
+    from tests.helpers import tiny_bert_arrays
+
+    int8 = edgeformer.load(_int8_bert(tmp_path / "q.edgeformer", smooth=False, precision="fp32"), threads=1)
+    assert len(_fused_layers(int8)) == 2
+    config = {"model_type": "bert", "vocab_size": 120, "hidden_size": 40, "num_hidden_layers": 2,
+              "num_attention_heads": 5, "intermediate_size": 72, "max_position_embeddings": 160,
+              "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12}
+    builder = GraphBuilder("fp32-bert")
+    tensors = load_bert(config, Checkpoint(tiny_bert_arrays(hidden=40, heads=5, layers=2, ffn=72, positions=160)),
+                        builder)
+    add_sentence_head(builder, "mean", True)
+    write_model(tmp_path / "f.edgeformer", tensors, builder.build().to_json())
+    fp32 = edgeformer.load(tmp_path / "f.edgeformer", threads=1)
+    feeds = _bert_feeds(2, 30, seed=3)
+    a, b = int8.run(feeds)["sentence_embedding"], fp32.run(feeds)["sentence_embedding"]
+    cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert np.all(cos > 0.99), cos
+
+
+def test_layers_that_do_not_qualify_stay_unfused(tmp_path):
+    """A layer with a float32 linear keeps its per-node steps; the other layer is still fused; the profile
+    labels the fused step."""
+    model = edgeformer.load(_int8_bert(tmp_path / "m.edgeformer", keep_fp32=["encoder.layer.1.output.dense"]),
+                            threads=1)
+    assert _fused_layers(model) == ["encoder.layer.0"]
+    feeds = _bert_feeds(2, 12, seed=0)
+    profile = {}
+    fused = model.run(feeds, profile=profile)
+    assert "encoder_layer" in profile and "linear[int8]" in profile and "linear[fp32]" in profile
+    plain = model.run(feeds, observe=lambda node, inputs: None)
+    for name in fused:
+        np.testing.assert_array_equal(fused[name], plain[name])

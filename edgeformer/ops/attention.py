@@ -153,4 +153,5 @@ class Attention:
                 kind(qkv, batch, out, workers)
             return [out]
 
+        run.kind = kind  # edgeformer/fusion.py reads it
         return run

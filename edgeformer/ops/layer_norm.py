@@ -38,4 +38,5 @@ class LayerNorm:
             workers.split(layer_norm, x.shape[0], x, residual, gamma, beta, eps, out, min_per_thread=16)
             return [out]
 
+        run.params = (gamma, beta, eps)  # edgeformer/fusion.py reads them
         return run
