@@ -1,5 +1,5 @@
-"""Attention with a bf16 P V product (kernels/attention_bf16.py, kernels/gemm_bf16.py): the micro-kernel exactly
-against integer products, the attention kernel against its NumPy twin and against exact float64 attention, the
+"""Attention with a bf16 P V product (kernels/attention_bf16.py, kernels/gemm_bf16.py): the micro-kernels (P V,
+scores, the K^T block transposition) exactly against integer products and NumPy, the attention kernel against its NumPy twin and against exact float64 attention, the
 `precision` attribute through a model, and the converter's default.
 
 Tolerances. Against the twin (edgeformer/reference/attention.attention_bf16_ref: the same bf16 roundings and the
@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeformer.kernels.attention import SHORT
-from edgeformer.kernels.gemm_bf16 import bf16_available, micro_bf16
+from edgeformer.kernels.gemm_bf16 import bf16_available, micro_bf16, micro_scores, transpose16
 from edgeformer.reference.attention import attention_bf16_ref, attention_ref, bf16_round, unpack_qkv
 
 needs_bf16 = pytest.mark.skipif(not bf16_available(), reason="CPU without AVX512-BF16")
@@ -39,6 +39,20 @@ def tile(a, b, c, rs, k2, nv_two):
         micro_bf16(8, 2, a, 0, a.shape[1], b, 0, b.shape[1], k2, c, 0, c.shape[1], rs, 0)
     else:
         micro_bf16(8, 1, a, 0, a.shape[1], b, 0, b.shape[1], k2, c, 0, c.shape[1], rs, 0)
+
+
+@numba.njit(cache=False)
+def score_tile(a, a_off, lda, kt, pstride, k, c, alpha, nv_two):
+    """One 8 x 32 (nv_two) or 8 x 16 score tile into c (row stride 128)."""
+    if nv_two:
+        micro_scores(8, 2, a, a_off, lda, kt, 0, pstride, k, c, 0, c.shape[1], alpha)
+    else:
+        micro_scores(8, 1, a, a_off, lda, kt, 0, pstride, k, c, 0, c.shape[1], alpha)
+
+
+@numba.njit(cache=False)
+def transpose_block(src, src_off, ld, dst, dst_off):
+    transpose16(src, src_off, ld, dst, dst_off)
 
 
 def padded(out, cu, num_heads, head_dim):
@@ -75,6 +89,38 @@ def test_micro_kernel_exact_on_integers(mr, nv, k2, seed):
     tile(a, np.ascontiguousarray(b), c, rs, k2, nv == 2)
     want = (A[:, : 2 * k2].astype(np.int64) @ B[: 2 * k2].astype(np.int64)) * rs[:, None].astype(np.int64)
     np.testing.assert_array_equal(c, want.astype(np.float32))
+
+
+@settings(max_examples=25, deadline=None)
+@given(ld=st.integers(16, 40), src_off=st.integers(0, 9), dst_off=st.integers(0, 9), seed=st.integers(0, 2 ** 31 - 1))
+def test_transpose16_exact(ld, src_off, dst_off, seed):
+    """The 16 x 16 block at src_off (row stride ld) lands transposed at dst_off; nothing else is written."""
+    rng = np.random.default_rng(seed)
+    src = rng.standard_normal(src_off + 15 * ld + 16 + 3).astype(np.float32)
+    dst = np.full(dst_off + 256 + 5, np.nan, np.float32)
+    transpose_block(src, src_off, ld, dst, dst_off)
+    block = np.stack([src[src_off + r * ld: src_off + r * ld + 16] for r in range(16)])  # (16 rows, 16 cols)
+    np.testing.assert_array_equal(dst[dst_off: dst_off + 256].reshape(16, 16), block.T)
+    assert np.all(np.isnan(dst[:dst_off])) and np.all(np.isnan(dst[dst_off + 256:]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(nv=st.sampled_from([1, 2]), k=st.integers(0, 70), lda=st.integers(70, 90), a_off=st.integers(0, 5),
+       alpha=st.sampled_from([1.0, 0.5, -2.0]), seed=st.integers(0, 2 ** 31 - 1))
+def test_score_tile_exact_on_integers(nv, k, lda, a_off, alpha, seed):
+    """Small integers: every product and partial sum is exact in float32, so the tile must equal
+    alpha * A B^T with A's 8 rows read in place (offset, row stride) and B^T as panels (k, 16)."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(-16, 17, a_off + 8 * lda).astype(np.float32)
+    A = np.stack([a[a_off + i * lda: a_off + i * lda + k] for i in range(8)])  # (8, k)
+    pstride = max(k, 1) * 16 + 3
+    kt = rng.integers(-16, 17, 2 * pstride).astype(np.float32)
+    B = np.concatenate([kt[j * pstride: j * pstride + k * 16].reshape(k, 16) for j in range(nv)], axis=1)  # (k, 16nv)
+    c = np.full((8, 128), np.nan, np.float32)
+    score_tile(a, a_off, lda, kt, pstride, k, c, np.float32(alpha), nv == 2)
+    want = alpha * (A.astype(np.int64) @ B.astype(np.int64))
+    np.testing.assert_array_equal(c[:, : 16 * nv], want.astype(np.float32))
+    assert np.all(np.isnan(c[:, 16 * nv:]))
 
 
 @needs_bf16

@@ -1,4 +1,6 @@
-"""AVX512-BF16 pieces of attention's bf16 P V product: a `vdpbf16ps` micro-kernel and one softmax row.
+"""AVX512-BF16 pieces of attention's bf16 kernel: a `vdpbf16ps` micro-kernel for P V, one softmax row, and
+the float32 score tile with its K^T transposition (`micro_scores`, `transpose16`; plain AVX-512F, kept here
+because only that kernel calls them).
 
     c[c_off + i*ldc + n] = rs[rs_off + i] * sum_p  a2[i, p] . b2[p, n]        i < MR, n < NV*16, p < k2
 
@@ -137,6 +139,112 @@ def micro_bf16(typingctx, mr, nv, a, a_off, lda, b, b_off, ldb, k2, c, c_off, ld
             for j in range(n_vec):
                 ptr = builder.bitcast(builder.gep(row, [c64(j * NV_LANES)]), v16f.as_pointer())
                 builder.store(builder.fmul(accs[i * n_vec + j], sv), ptr, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ---- float32 scores Q K^T for the same kernel ---------------------------------------------------------------
+@intrinsic
+def micro_scores(typingctx, mr, nv, a, a_off, lda, b, b_off, pstride, k, c, c_off, ldc, alpha):
+    """c[c_off + i*ldc + j*16 + n] = alpha * sum_{d < k} a[a_off + i*lda + d] * b[b_off + j*pstride + d*16 + n]
+    for i < MR, j < NV, n < 16 (MR, NV integer literals): one MR x (NV*16) tile of attention's scores with the
+    query rows read in place (a: the packed qkv, lda its row stride) and the keys packed as panels of 16
+    (b: K^T, panel j at b_off + j*pstride, (k, 16) row-major). float32 FMAs in order d = 0, 1, ..., k-1 per
+    element, one multiplication by alpha at the end. MR*NV accumulators of 16 floats: 16 for the 8 x 2 tile,
+    which fit AVX-512's 32 registers (kernels/attention_bf16.py calls it only where AVX512-BF16 is present)."""
+    if not isinstance(mr, types.IntegerLiteral) or not isinstance(nv, types.IntegerLiteral):
+        return None
+    for arr in (a, b, c):
+        if not (isinstance(arr, types.Array) and arr.dtype == types.float32):
+            return None
+    m_rows, n_vec = mr.literal_value, nv.literal_value
+    ip = types.intp
+    sig = types.void(mr, nv, a, ip, ip, b, ip, ip, ip, c, ip, ip, types.float32)
+
+    def codegen(context, builder, signature, args):
+        _, _, a_arr, a_o, lda_v, b_arr, b_o, pstride_v, k_v, c_arr, c_o, ldc_v, alpha_v = args
+        sa = signature.args
+
+        def data(idx, val):
+            return context.make_array(sa[idx])(context, builder, val).data
+
+        i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
+        v16f = ir.VectorType(f32, NV_LANES)
+
+        def c64(v):
+            return ir.Constant(i64, v)
+
+        name = "llvm.fma.v16f32"
+        fma = builder.module.globals.get(name)
+        if fma is None:
+            fma = ir.Function(builder.module, ir.FunctionType(v16f, [v16f, v16f, v16f]), name)
+        a_base = builder.gep(data(2, a_arr), [a_o])
+        b_base = builder.gep(data(5, b_arr), [b_o])
+        a_rows = [builder.gep(a_base, [builder.mul(lda_v, c64(i))]) for i in range(m_rows)]
+        b_panels = [builder.gep(b_base, [builder.mul(pstride_v, c64(j))]) for j in range(n_vec)]
+        zero = ir.Constant(v16f, [0.0] * NV_LANES)
+        splat = ir.Constant(ir.VectorType(i32, NV_LANES), [0] * NV_LANES)
+        d, accs, close = _open_k_loop(builder, k_v, zero, m_rows * n_vec, "qk")
+        d16 = builder.mul(d, c64(NV_LANES))
+        bv = [builder.load(builder.bitcast(builder.gep(panel, [d16]), v16f.as_pointer()), align=4)
+              for panel in b_panels]
+        new = []
+        for i in range(m_rows):
+            x = builder.insert_element(ir.Constant(v16f, ir.Undefined), builder.load(builder.gep(a_rows[i], [d])),
+                                       ir.Constant(i32, 0))
+            av = builder.shuffle_vector(x, ir.Constant(v16f, ir.Undefined), splat)
+            for j in range(n_vec):
+                new.append(builder.call(fma, [av, bv[j], accs[i * n_vec + j]]))
+        close(new)
+        c_base = builder.gep(data(9, c_arr), [c_o])
+        scale = builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), alpha_v,
+                                                              ir.Constant(i32, 0)),
+                                       ir.Constant(v16f, ir.Undefined), splat)
+        for i in range(m_rows):
+            row = builder.gep(c_base, [builder.mul(ldc_v, c64(i))])
+            for j in range(n_vec):
+                ptr = builder.bitcast(builder.gep(row, [c64(j * NV_LANES)]), v16f.as_pointer())
+                builder.store(builder.fmul(accs[i * n_vec + j], scale), ptr, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def transpose16(typingctx, src, src_off, ld, dst, dst_off):
+    """dst[dst_off + c*16 + r] = src[src_off + r*ld + c] for r, c < 16: a 16 x 16 float32 block transposed in
+    registers (attention's K^T panels). Four stages, stage k swapping bit k of the row and column index of
+    every element: rows r0 and r1 = r0 | 2^k become two-source shuffles of each other (one `vpermt2ps` each on
+    AVX-512), 64 shuffles for the block instead of 256 scattered scalar stores."""
+    for arr in (src, dst):
+        if not (isinstance(arr, types.Array) and arr.dtype == types.float32):
+            return None
+    ip = types.intp
+    sig = types.void(src, ip, ip, dst, ip)
+
+    def codegen(context, builder, signature, args):
+        s_arr, s_o, ld_v, d_arr, d_o = args
+        sa = signature.args
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        v16f = ir.VectorType(ir.FloatType(), NV_LANES)
+        s_base = builder.gep(context.make_array(sa[0])(context, builder, s_arr).data, [s_o])
+        d_base = builder.gep(context.make_array(sa[3])(context, builder, d_arr).data, [d_o])
+        rows = [builder.load(builder.bitcast(builder.gep(s_base, [builder.mul(ld_v, ir.Constant(i64, r))]),
+                                             v16f.as_pointer()), align=4) for r in range(NV_LANES)]
+        for bit in range(4):
+            m = 1 << bit
+            low = [c if c & m == 0 else NV_LANES + c - m for c in range(NV_LANES)]
+            high = [c + m if c & m == 0 else NV_LANES + c for c in range(NV_LANES)]
+            for r0 in range(NV_LANES):
+                if r0 & m:
+                    continue
+                a, b = rows[r0], rows[r0 | m]
+                rows[r0] = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, NV_LANES), low))
+                rows[r0 | m] = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, NV_LANES), high))
+        for c in range(NV_LANES):
+            ptr = builder.gep(d_base, [ir.Constant(i64, c * NV_LANES)])
+            builder.store(rows[c], builder.bitcast(ptr, v16f.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
