@@ -160,6 +160,35 @@ def test_gelu_erf_accuracy():
         assert np.all(np.abs(y[x < -6]) <= 1e-5 * np.abs(x[x < -6]))  # the negative tail goes to 0
 
 
+@kernel(fastmath={"contract"})
+def _gelu_forms(x, table, rational):
+    for i in range(x.shape[0]):
+        table[i] = mathfn.gelu_erf_table(x[i])
+        rational[i] = mathfn.gelu_erf_rational(x[i])
+
+
+def test_gelu_erf_both_forms():
+    """Both GELU forms on any host (gelu_erf is the table where the host targets AVX-512, kernels/act_ir.py
+    emits the same form): the table within 2.8e-7 * max(1, |gelu|), the rational within 1.5e-6; special
+    values alike (signed zeros kept, the tails exact: x past 5.8125 and 0 below -5.8125 for the table)."""
+    assert mathfn.gelu_erf is (mathfn.gelu_erf_table if mathfn.GELU_ERF_TABLE else mathfn.gelu_erf_rational)
+    x = np.concatenate([DENSE[FN_GELU_ERF], random_finite_floats(300_000, 41), SPECIAL,
+                        np.arange(33, dtype=F32) * F32(3 / 16), -np.arange(33, dtype=F32) * F32(3 / 16)])
+    table, rational = np.empty_like(x), np.empty_like(x)
+    _gelu_forms(x, table, rational)
+    finite = np.isfinite(x)
+    r = ORACLE[FN_GELU_ERF](x[finite])
+    for y, bound in ((table, 2.8e-7), (rational, 1.5e-6)):
+        ae = np.abs(y[finite].astype(np.float64) - r)
+        rel = ae / np.maximum(1.0, np.abs(r))
+        assert np.all(rel <= bound), (bound, rel.max(), x[finite][np.argmax(rel)])
+        assert np.all(np.isnan(y[np.isnan(x)])) and np.isnan(y[x == -np.inf]).all() and (y[x == np.inf] == np.inf).all()
+        zero = x == 0
+        assert np.all(y[zero] == 0) and np.all(np.signbit(y[zero]) == np.signbit(x[zero]))
+    big = finite & (np.abs(x) >= 5.8125)
+    np.testing.assert_array_equal(table[big], np.where(x[big] > 0, x[big], 0).astype(F32))
+
+
 @pytest.mark.parametrize("fn", [FN_GELU_TANH])
 def test_gelu_accuracy(fn):
     for x in (DENSE[fn], random_finite_floats(300_000, 4 + fn)):

@@ -7,7 +7,9 @@ equal speed, with one code path instead of three. These emitters repeat mathfn's
 operation for operation, with mathfn's float32 constants, so that the two agree (tests/test_act_ir.py):
 
     relu(x)      = 0 if x < 0 else x                      (NaN and -0.0 pass through)
-    gelu_erf(x)  = 0.5 x (1 + z P(z^2) / Q(z^2)),  z = clamp(x / sqrt2, -4, 4)
+    gelu_erf(x)  = 0.5 x (1 + z P(z^2) / Q(z^2)),  z = clamp(x / sqrt2, -4, 4)      (rational form)
+                 = x/2 + |x| g_i(t), a cubic per interval of |x| looked up by vpermt2ps  (table form,
+                   where the host targets AVX-512: mathfn.GELU_ERF_TABLE)
     gelu_tanh(x) = x / (1 + exp(-2u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
     exp          = mathfn.exp_f32 (Cody-Waite reduction, Cephes polynomial, two-step 2**n scaling)
 
@@ -16,6 +18,8 @@ that call mathfn are compiled with fastmath={"contract"}; clamps are compare + s
 so NaN propagates. `emit_activation_switch` branches on a run-time activation code; `emit_store_tile` is the
 micro-kernels' final store (with the residual added on the way).
 """
+from contextlib import contextmanager
+
 from llvmlite import ir
 
 from edgeformer.kernels import mathfn as m
@@ -98,6 +102,58 @@ def _gelu_erf(o, x):
     return o.mul(o.mul(o.c(m._HALF), x), o.add(o.c(m._ONE), o.div(o.mul(z, p), q)))
 
 
+def _lookup32(o, table, index):
+    """table[index] per lane for a 32-entry float32 table (index in [0, 32)): AVX-512's two-source permute
+    (vpermt2ps), on 16-lane pieces of the vector (narrower vectors are padded, wider ones split)."""
+    b = o.b
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+    v16f, v16i = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
+    name = "llvm.x86.avx512.vpermi2var.ps.512"
+    perm = b.module.globals.get(name)
+    if perm is None:
+        perm = ir.Function(b.module, ir.FunctionType(v16f, [v16f, v16i, v16f]), name)
+    lo = ir.Constant(v16f, [float(v) for v in table[:16]])
+    hi = ir.Constant(v16f, [float(v) for v in table[16:]])
+    n = o.t.count
+    pieces = []
+    for start in range(0, n, 16):
+        width = min(16, n - start)
+        lanes = [start + j if j < width else start for j in range(16)]  # pad with a valid lane
+        idx = b.shuffle_vector(index, index, ir.Constant(ir.VectorType(i32, 16), lanes)) if (n, start) != (16, 0) \
+            else index
+        got = b.call(perm, [lo, idx, hi])
+        pieces.append((got, width))
+    if n == 16:
+        return pieces[0][0]
+    flat = [(k, j) for k, (_, width) in enumerate(pieces) for j in range(width)]
+    if len(pieces) == 1:
+        return b.shuffle_vector(pieces[0][0], pieces[0][0], ir.Constant(ir.VectorType(i32, n), [j for _, j in flat]))
+    out = pieces[0][0]
+    acc = b.shuffle_vector(out, out, ir.Constant(ir.VectorType(i32, n), [j if j < 16 else 0 for j in range(n)]))
+    for k in range(1, len(pieces)):
+        wide = b.shuffle_vector(pieces[k][0], pieces[k][0], ir.Constant(ir.VectorType(i32, n),
+                                                                        [j - 16 * k if 16 * k <= j < 16 * k + 16 else 0
+                                                                         for j in range(n)]))
+        mask = ir.Constant(ir.VectorType(i32, n), [n + j if 16 * k <= j < 16 * k + 16 else j for j in range(n)])
+        acc = b.shuffle_vector(acc, wide, mask)
+    return acc
+
+
+def _gelu_erf_table(o, x):
+    """mathfn.gelu_erf_table on a vector, operation for operation."""
+    b = o.b
+    ivty = ir.VectorType(ir.IntType(32), o.t.count)
+    a = b.bitcast(b.and_(b.bitcast(x, ivty), ir.Constant(ivty, [int(m._ABS)] * o.t.count)), o.t)
+    u = o.mul(a, o.c(m._GELU_SCALE))
+    u = b.select(b.fcmp_ordered("<", u, o.c(m._GELU_UMAX)), u, o.c(m._GELU_UMAX))
+    i = b.fptosi(u, ivty)
+    t = o.sub(u, b.sitofp(i, o.t))
+    g = _lookup32(o, m._GT3, i)
+    for table in (m._GT2, m._GT1, m._GT0):
+        g = o.add(o.mul(g, t), _lookup32(o, table, i))
+    return o.add(o.mul(a, g), o.mul(o.c(m._HALF), x))
+
+
 def _gelu_tanh(o, x):
     cube = o.mul(o.mul(o.mul(o.c(m._GELU_TANH_C), x), x), x)
     u = o.mul(o.c(m._SQRT_2_OVER_PI), o.add(x, cube))
@@ -109,13 +165,33 @@ def _relu(o, x):
 
 
 EMITTERS = {m.ACT_RELU: _relu, m.ACT_GELU_ERF: _gelu_erf, m.ACT_GELU_TANH: _gelu_tanh}
+# GELU's form follows mathfn (GELU_ERF_TABLE: the host targets AVX-512), so that the epilogues and the scalar
+# helpers agree; `rational_gelu()` switches the table off for code cross-compiled for other CPUs (micro_asm).
+_TABLE_GELU = [m.GELU_ERF_TABLE]
+
+
+@contextmanager
+def rational_gelu():
+    """Emit the rational GELU within the block (IR compiled for a CPU that may lack AVX-512)."""
+    saved = _TABLE_GELU[0]
+    _TABLE_GELU[0] = False
+    try:
+        yield
+    finally:
+        _TABLE_GELU[0] = saved
+
+
+def _emitter(act: int):
+    if act == m.ACT_GELU_ERF and _TABLE_GELU[0]:
+        return _gelu_erf_table
+    return EMITTERS[act]
 
 
 def emit_activation(builder, act: int, v):
     """act(v) for one float vector v and a compile-time activation code (ACT_NONE: v itself)."""
     if act == m.ACT_NONE:
         return v
-    return EMITTERS[act](_Ops(builder, v.type), v)
+    return _emitter(act)(_Ops(builder, v.type), v)
 
 
 def emit_activation_switch(builder, act_value, vectors, name="act"):
@@ -127,7 +203,8 @@ def emit_activation_switch(builder, act_value, vectors, name="act"):
     join = fn.append_basic_block(f"{name}_join")
     incoming = [(list(vectors), None)]
     switch = builder.switch(act_value, join)
-    for code, emitter in EMITTERS.items():
+    for code in EMITTERS:
+        emitter = _emitter(code)
         blk = fn.append_basic_block(f"{name}_{code}")
         switch.add_case(ir.Constant(act_value.type, code), blk)
         builder.position_at_end(blk)

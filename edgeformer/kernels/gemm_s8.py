@@ -69,7 +69,9 @@ from numba.extending import intrinsic
 
 from edgeformer.kernels._jit import helper, kernel
 from edgeformer.kernels.gemm_f32 import _prefetch, _prefetch_l2
-from edgeformer.kernels.act_ir import emit_activation_switch, emit_store_tile
+from edgeformer.kernels.host import cpu_overridden as _cpu_overridden
+from edgeformer.kernels.host import host_features
+from edgeformer.kernels.act_ir import emit_activation_switch, emit_store_tile, rational_gelu
 from edgeformer.kernels.reduce import max_nonan, min_nonan
 from edgeformer.kernels.mathfn import ACT_GELU_ERF, ACT_GELU_TANH, ACT_NONE, ACT_RELU, gelu_erf, gelu_tanh, relu
 
@@ -87,16 +89,6 @@ A16_PATHS = (PATH_AVX2,)  # paths that read the activations widened to int16 (`w
 
 
 # ---- path selection (Python, before anything is compiled) ----------------------------------------
-
-def host_features() -> dict:
-    return dict(_llb.get_host_cpu_features())
-
-
-def _cpu_overridden() -> bool:
-    """True when Numba is told to compile for a CPU other than the host (then host features say nothing)."""
-    return bool(_config.CPU_NAME or _config.CPU_FEATURES or os.environ.get("NUMBA_CPU_NAME")
-                or os.environ.get("NUMBA_CPU_FEATURES"))
-
 
 def vnni_available(features=None) -> bool:
     """May the VNNI micro-kernel be compiled here? Only with host AVX512-VNNI/BW/VL and no CPU override."""
@@ -1145,9 +1137,10 @@ def micro_asm(path: int, cpu: str, triple: str = "aarch64-unknown-linux-gnu", fe
     a, b, d, zp, cs, lda, pstride, k4, ws, sa, bias, act, res, res_stride, use_res = fn.args
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
     zero = ir.Constant(i64, 0)
-    emit_ptrs(builder, path, mr, path_blocking(path)[1], a, zero, lda, b, zero, pstride, k4, d, zero,
-              ir.Constant(i64, 64), zp, zero, cs, zero,
-              f32_out=(ws, sa, bias, act, res, res_stride, use_res) if fused_store else None)
+    with rational_gelu():  # the table GELU's permutes need AVX-512, which the target CPU may lack
+        emit_ptrs(builder, path, mr, path_blocking(path)[1], a, zero, lda, b, zero, pstride, k4, d, zero,
+                  ir.Constant(i64, 64), zp, zero, cs, zero,
+                  f32_out=(ws, sa, bias, act, res, res_stride, use_res) if fused_store else None)
     builder.ret_void()
     llmod = _llb.parse_assembly(str(module))
     llmod.verify()
