@@ -84,7 +84,7 @@ class FusedNode:
 
 
 def fuse_encoder_layers(plain_steps, steps, graph_outputs) -> list:
-    """Replace each post-LN encoder layer of dynamic int8 linears (module LAYER_OPS, checked by
+    """Replace each post-LN encoder layer of int8 linears (module LAYER_OPS, checked by
     `_layer_kernel_args`) with one step calling kernels/encoder_layer.py's kernel for the whole layer.
 
     plain_steps: the unfused [(node, step)]; steps: the same list after fuse_requantize (the fused layer
@@ -118,8 +118,8 @@ def fuse_encoder_layers(plain_steps, steps, graph_outputs) -> list:
 def _layer_kernel_args(window, start, users, graph_outputs):
     """(kernel, fixed arguments) if the seven (node, step) pairs form a fusable encoder layer, else None.
 
-    Conditions: the ops of LAYER_OPS; the four linears int8 with dynamic activation quantisation on one int8
-    path, only the up-projection with an activation; attention of kind softmax; the output projection's
+    Conditions: the ops of LAYER_OPS; the four linears int8 (dynamic or static activation quantisation) on one
+    int8 path, only the up-projection with an activation; attention of kind softmax; the output projection's
     residual is the layer input and the down-projection's the first layer norm's output; every value between
     the layer's input and output read only inside the layer (the first norm's by the two FFN linears, the
     others once) and none a graph output."""
@@ -145,7 +145,7 @@ def _layer_kernel_args(window, start, users, graph_outputs):
         if value in graph_outputs or len(readers) != count or not all(start < r < start + 7 for r in readers):
             return None
     formats = [getattr(window[k][1], "format", None) for k in (0, 2, 4, 5)]
-    if not all(isinstance(f, Int8Weights) and f.static is None for f in formats):
+    if not all(isinstance(f, Int8Weights) for f in formats):
         return None
     if len({f.path for f in formats}) != 1:
         return None
@@ -167,7 +167,7 @@ def _layer_kernel_args(window, start, users, graph_outputs):
 
 
 def _linear_args(fmt):
-    return (fmt.asym, fmt.smooth, fmt.wp, fmt.colsum, fmt.scale, fmt.bias)
+    return (fmt.asym, fmt.smooth, fmt.wp, fmt.colsum, fmt.scale, fmt.bias) + tuple(fmt.quant_params)
 
 
 def _common_name(names):

@@ -108,8 +108,9 @@ def test_pairs_that_do_not_qualify_stay_unfused(tmp_path, variant):
 # ---- whole encoder layers (kernels/encoder_layer.py) ----------------------------------------------------------
 
 def _int8_bert(path, *, act="gelu", activation_quant="asymmetric", smooth=True, precision="bf16", keep_fp32=(),
-               hidden=40, heads=5, ffn=72, layers=2, positions=160, seed=0):
-    """A tiny random BERT with dynamic int8 encoder linears, through the real converter pieces."""
+               hidden=40, heads=5, ffn=72, layers=2, positions=160, seed=0, static=False):
+    """A tiny random BERT with int8 encoder linears (dynamic, or static with made-up calibrated ranges),
+    through the real converter pieces."""
     from converters.bert import load_bert
     from converters.checkpoint import Checkpoint
     from converters.hf import add_sentence_head, set_attention_precision
@@ -126,8 +127,12 @@ def _int8_bert(path, *, act="gelu", activation_quant="asymmetric", smooth=True, 
         for part in ("attention.qkv", "attention.output.dense", "intermediate.dense", "output.dense"):
             k = ffn if part == "output.dense" else hidden
             amax[f"encoder.layer.{i}.{part}"] = rng.uniform(0.1, 8.0, k)
-    policy = LinearPolicy("dynamic-int8", keep_fp32=keep_fp32, activation_quant=activation_quant,
-                          act_amax=amax if smooth else None, smooth_alpha=0.5 if smooth else 0.0)
+    qparams = {name: {"scale": float(rng.uniform(0.02, 0.08)), "smooth": None,
+                      "zero_point": int(rng.integers(100, 156)) if activation_quant == "asymmetric" else None}
+               for name in amax}
+    policy = LinearPolicy("static-int8" if static else "dynamic-int8", keep_fp32=keep_fp32,
+                          activation_quant=activation_quant, act_amax=amax if smooth else None,
+                          smooth_alpha=0.5 if smooth else 0.0, act_qparams=qparams if static else None)
     builder = GraphBuilder("int8-bert")
     tensors = load_bert(config, Checkpoint(arrays), builder, quantize=policy)
     set_attention_precision(builder.nodes, precision)
@@ -149,18 +154,20 @@ def _bert_feeds(batch, seq, seed):
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": (rng.random((batch, seq)) < 0.3) * 1}
 
 
-@pytest.mark.parametrize("act, activation_quant, smooth, precision", [
-    ("gelu", "asymmetric", True, "bf16"), ("relu", "symmetric", True, "bf16"), ("gelu", "asymmetric", False, "fp32"),
-    ("gelu_new", "symmetric", True, "fp32")])
-def test_encoder_layers_fused_and_exact(tmp_path, act, activation_quant, smooth, precision):
-    """Every layer is one fused step, and its outputs equal the per-node steps' (observe= runs those) and two
+@pytest.mark.parametrize("act, activation_quant, smooth, precision, static", [
+    ("gelu", "asymmetric", True, "bf16", False), ("relu", "symmetric", True, "bf16", False),
+    ("gelu", "asymmetric", False, "fp32", False), ("gelu_new", "symmetric", True, "fp32", False),
+    ("gelu", "asymmetric", False, "bf16", True), ("relu", "symmetric", False, "fp32", True)])
+def test_encoder_layers_fused_and_exact(tmp_path, act, activation_quant, smooth, precision, static):
+    """Every layer (dynamic or static int8) is one fused step, and its outputs equal the per-node steps'
+    (observe= runs those) and two
     threads' (which run the steps): lengths 1..150, padded batches, head_dim 8 (bf16 tiles copied out) and 16
     (stored in place). Bit-identical up to 128 tokens; beyond (the float32 flash path, whose row sums are
     reassociable adds) LLVM may vectorise a sum differently once the kernel is linked into the fused layer
     (seen only when the fused kernel comes from Numba's cache), so there the bound is a few ulp."""
     for hidden, heads in [(40, 5), (64, 4)]:
         path = _int8_bert(tmp_path / f"m{hidden}.edgeformer", act=act, activation_quant=activation_quant,
-                          smooth=smooth, precision=precision, hidden=hidden, heads=heads)
+                          smooth=smooth, precision=precision, hidden=hidden, heads=heads, static=static)
         one, two = edgeformer.load(path, threads=1), edgeformer.load(path, threads=2)
         assert _fused_layers(one) == ["encoder.layer.0", "encoder.layer.1"]
         for batch, seq in [(1, 1), (1, 17), (3, 40), (2, 150)]:
