@@ -91,6 +91,7 @@ def cmd_inspect(args) -> int:
         "ops": counts, "nodes": len(graph.nodes), "parameters": total_params, "weight_bytes": total_bytes,
         "planned_peak_activation_bytes": {f"{batch}x{seq}": model.plan_memory(batch, seq)},
         "tokenizer": bool(model.tokenizer_json), "max_length": model.max_length,
+        "fused_layers": model.fused_layers,
     }
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -103,6 +104,9 @@ def cmd_inspect(args) -> int:
     if generic:
         print(f"generic: {generic} of {len(graph.nodes)} nodes are generic ONNX ops (plain NumPy, see docs/ARCHITECTURE.md)")
     print(f"planned peak activation memory at {batch}x{seq}: {model.plan_memory(batch, seq) / 2**20:.2f} MiB")
+    if model.fused_layers:
+        print(f"fused:   {len(model.fused_layers)} encoder layers run as one call each with 1 thread "
+              f"({', '.join(model.fused_layers)})")
     if args.verbose:
         print(f"\n{'node':48} {'op':18} {'width':>6} {'params':>10} {'bytes':>11}")
         for name, label, width, params, nbytes in rows:
@@ -151,6 +155,12 @@ def warm_up(model) -> None:
             model.run(many)
         except InputError:  # a position table shorter than 64 and no declared max_length: those kernels
             pass  # then compile on the first long input instead
+        if model.fused_layers:  # fused encoder layers run only with one thread: compile them too
+            import edgeformer
+
+            one = edgeformer.load(model.path, threads=1)
+            one.run(feeds)
+            one.close()
 
 
 # -- info ---------------------------------------------------------------------------------------

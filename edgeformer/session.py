@@ -106,6 +106,11 @@ class Model:
     def tokenizer_json(self) -> str | None:
         return self._file.tokenizer_json
 
+    @property
+    def fused_layers(self) -> list[str]:
+        """Names of the encoder layers that run as one fused call with one thread (edgeformer/fusion.py)."""
+        return [node.name for node, _ in self._steps if node.op == "encoder_layer"]
+
     def value_width(self, name: str) -> int:
         """Static width (last dim) of a value of the graph."""
         return self._types[name].width

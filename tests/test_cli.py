@@ -77,7 +77,9 @@ def test_convert_quantized_and_onnx_and_check(tiny_dir, tmp_path, capsys):
     assert main(["inspect", str(int8)]) == 0
     assert "attention[softmax, bf16] x2" in capsys.readouterr().out
     # layer 0 runs as one fused step; --no-fuse runs every node alone, same outputs; bench --vs unfused times both
-    assert [n.name for n, _ in edgeformer.load(int8, threads=1)._steps if n.op == "encoder_layer"] == ["encoder.layer.0"]
+    assert edgeformer.load(int8, threads=1).fused_layers == ["encoder.layer.0"]
+    assert main(["inspect", str(int8)]) == 0 and "fused:   1 encoder layers" in capsys.readouterr().out
+    assert main(["precompile", str(int8), "--threads", "2"]) == 0  # also compiles the 1-thread fused layer
     np.savez(tmp_path / "feeds.npz", input_ids=np.array([[1, 5, 7, 9, 2]], dtype=np.int64))
     for flags, name in (([], "fused.npz"), (["--no-fuse"], "plain.npz")):
         assert main(["run", str(int8), str(tmp_path / "feeds.npz"), "--threads", "1", "-o", str(tmp_path / name)]

@@ -142,7 +142,9 @@ def _int8_bert(path, *, act="gelu", activation_quant="asymmetric", smooth=True, 
 
 
 def _fused_layers(model):
-    return [n.name for n, s in model._steps if n.op == "encoder_layer"]
+    names = [n.name for n, s in model._steps if n.op == "encoder_layer"]
+    assert model.fused_layers == names
+    return names
 
 
 def _bert_feeds(batch, seq, seed):
