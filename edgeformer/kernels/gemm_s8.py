@@ -615,12 +615,13 @@ def _micro_s8_f32(typingctx, path, mr, a, a_off, lda, b, b_off, pstride, k4, out
 _F0 = np.float32(0.0)
 _F127 = np.float32(127.0)
 _F255 = np.float32(255.0)
-_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to nearest even
 
 
 @helper
 def _rint(v):
-    return (v + _MAGIC) - _MAGIC
+    """Round to nearest even (llvm.rint: one vrndscaleps / frintx per vector; the (v + 1.5*2**23) - 1.5*2**23
+    trick it replaced took two adds and made the 128 x 384 quantisation ~25 % slower on Zen 4)."""
+    return np.rint(v)
 
 
 _NO_SMOOTH = np.zeros(0, dtype=np.float32)
@@ -646,9 +647,17 @@ def quantize_rows_smooth(x, asym, smooth, aq, sa, zp, r0, r1):
     The range is one pass of float min/max (kernels/reduce.py); a row holding a NaN gets unspecified codes
     in [0, 255] and a scale that may be NaN (never an out-of-range write).
     """
-    k = x.shape[1]
-    # without smoothing, multiply by ones: x * 1 is x exactly (inf and -0 too), and one loop body serves both
-    sm = smooth if smooth.shape[0] != 0 else np.ones(k, dtype=np.float32)
+    # without smoothing, multiply by ones: x * 1 is x exactly (inf and -0 too), and one loop body serves both.
+    # Two calls, not `sm = smooth if ... else ones`: that unifies a read-only and a writable array into a
+    # non-contiguous type whose loops do not vectorise (128 x 384: 13.4 -> ~10 us on Zen 4).
+    if smooth.shape[0] != 0:
+        _quantize_rows(x, asym, smooth, aq, sa, zp, r0, r1)
+    else:
+        _quantize_rows(x, asym, np.ones(x.shape[1], dtype=np.float32), aq, sa, zp, r0, r1)
+
+
+@helper
+def _quantize_rows(x, asym, sm, aq, sa, zp, r0, r1):
     for r in range(r0, r1):
         s, z = quantize_row(x[r], sm, asym, aq[r])
         sa[r] = s
@@ -722,7 +731,14 @@ def quantize_rows_static(x, asym, smooth, qscale, qzero, aq, sa, zp, r0, r1):
     the calibrated range clip to the end codes (+-inf too); the clip is written `v if v < hi else hi`, so a
     NaN becomes the top code instead of an undefined float->int conversion. No validation (the op checks
     s, z and the shapes at load)."""
-    sm = smooth if smooth.shape[0] != 0 else np.ones(x.shape[1], dtype=np.float32)  # x * 1 is x exactly
+    if smooth.shape[0] != 0:  # two calls, one array type each (see quantize_rows_smooth)
+        _quantize_rows_static(x, asym, smooth, qscale, qzero, aq, sa, zp, r0, r1)
+    else:  # x * 1 is x exactly
+        _quantize_rows_static(x, asym, np.ones(x.shape[1], dtype=np.float32), qscale, qzero, aq, sa, zp, r0, r1)
+
+
+@helper
+def _quantize_rows_static(x, asym, sm, qscale, qzero, aq, sa, zp, r0, r1):
     s = qscale[0]
     inv = _F1 / s
     z = np.int32(128) if asym == 0 else np.int32(qzero[0])
@@ -979,7 +995,7 @@ def _gemm_s8_requant(path, mr, npn, agemm, sa, zp, wp, colsum, ws, n_out, bias, 
     chunk = np.empty((min(mc, r1 - r0), n_out), dtype=np.float32)  # (mc, N) rows of y
     no_res = np.zeros((0, 0), dtype=np.float32)
     no_raw = np.zeros((0, 0), dtype=np.int32)
-    sm = smooth2 if smooth2.shape[0] != 0 else np.ones(n_out, dtype=np.float32)
+    ones = np.ones(n_out if smooth2.shape[0] == 0 else 0, dtype=np.float32)  # the smoothing when smooth2 is (0,)
     s_static = qscale2[0] if static2 != 0 else _F1
     inv_static = _F1 / s_static
     z_static = (np.int32(128) if asym2 == 0 else np.int32(qzero2[0])) if static2 != 0 else np.int32(0)
@@ -988,13 +1004,22 @@ def _gemm_s8_requant(path, mr, npn, agemm, sa, zp, wp, colsum, ws, n_out, bias, 
         c1 = min(c0 + mc, r1)
         _gemm_s8(path, mr, npn, agemm[c0:c1], sa[c0:c1], zp[c0:c1], wp, colsum, ws, n_out, bias, no_res, act, chunk,
                  no_raw, 0, c1 - c0, 0, panels)
-        for r in range(c0, c1):
-            if static2 != 0:
-                quantize_row_static(chunk[r - c0], sm, asym2, inv_static, z_static, aq2[r])
-                sa2[r] = s_static
-                zp2[r] = z_static
-            else:
-                sa2[r], zp2[r] = quantize_row(chunk[r - c0], sm, asym2, aq2[r])
+        if smooth2.shape[0] != 0:  # two calls, one array type each (see quantize_rows_smooth)
+            _requantize_chunk(chunk, c0, c1, smooth2, asym2, static2, s_static, inv_static, z_static, aq2, sa2, zp2)
+        else:
+            _requantize_chunk(chunk, c0, c1, ones, asym2, static2, s_static, inv_static, z_static, aq2, sa2, zp2)
+
+
+@helper
+def _requantize_chunk(chunk, c0, c1, sm, asym2, static2, s_static, inv_static, z_static, aq2, sa2, zp2):
+    """Rows c0:c1 of y (chunk rows 0:c1-c0) quantised as _gemm_s8_requant's consumer quantises them."""
+    for r in range(c0, c1):
+        if static2 != 0:
+            quantize_row_static(chunk[r - c0], sm, asym2, inv_static, z_static, aq2[r])
+            sa2[r] = s_static
+            zp2[r] = z_static
+        else:
+            sa2[r], zp2[r] = quantize_row(chunk[r - c0], sm, asym2, aq2[r])
 
 
 @kernel
