@@ -31,7 +31,9 @@ class Batch:
     def from_mask(cls, mask: np.ndarray | None, batch_size: int, seq_len: int) -> "Batch":
         if mask is None or bool(mask.all()):
             lengths = np.full(batch_size, seq_len, dtype=np.int64)  # (B,)
-            positions = np.tile(np.arange(seq_len, dtype=np.int64), batch_size)  # (B*S,)
+            positions = np.arange(batch_size * seq_len, dtype=np.int64)  # (B*S,)
+            if batch_size > 1:
+                positions %= seq_len
             token_index = None
         else:
             valid = mask.astype(bool, copy=False)  # (B, S)

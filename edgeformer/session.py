@@ -210,7 +210,7 @@ class Model:
                 if self._kinds[name] != "dense" and array.shape != shape:
                     raise InputError(f"{name} has shape {array.shape}, but input_ids has {shape}")
             mask = arrays.get("attention_mask")
-            if mask is not None and ((mask != 0) & (mask != 1)).any():
+            if mask is not None and (mask.view(np.uint64) > 1).any():  # int64: negatives wrap to > 1
                 raise InputError("attention_mask must contain only 0 and 1")
         _check_symbolic_dims(arrays, self._specs, self._kinds)
         if self._tokens_input is not None and arrays[self._tokens_input].shape[0] == 0:
