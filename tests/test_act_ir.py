@@ -19,24 +19,29 @@ F32 = np.float32
 W = 16  # lanes per vector in these tests
 
 
-@intrinsic
-def _act16(typingctx, x, off, out, act):
-    """out[off:off+16] = act(x[off:off+16]) with the run-time switch of act_ir."""
-    sig = types.void(x, types.intp, out, types.int64)
+def _make_act(width):
+    @intrinsic
+    def act_n(typingctx, x, off, out, act):
+        """out[off:off+width] = act(x[off:off+width]) on one <width x float> vector."""
+        sig = types.void(x, types.intp, out, types.int64)
 
-    def codegen(context, builder, signature, args):
-        vty = ir.VectorType(ir.FloatType(), W)
+        def codegen(context, builder, signature, args):
+            vty = ir.VectorType(ir.FloatType(), width)
 
-        def ptr(i, arr):
-            data = context.make_array(signature.args[i])(context, builder, arr).data
-            return builder.bitcast(builder.gep(data, [args[1]]), vty.as_pointer())
+            def ptr(i, arr):
+                data = context.make_array(signature.args[i])(context, builder, arr).data
+                return builder.bitcast(builder.gep(data, [args[1]]), vty.as_pointer())
 
-        v = builder.load(ptr(0, args[0]), align=4)
-        (res,) = act_ir.emit_activation_switch(builder, args[3], [v])
-        builder.store(res, ptr(2, args[2]), align=4)
-        return context.get_dummy_value()
+            (res,) = act_ir.emit_activation_switch(builder, args[3], [builder.load(ptr(0, args[0]), align=4)])
+            builder.store(res, ptr(2, args[2]), align=4)
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+
+    return act_n
+
+
+_act16 = _make_act(W)
 
 
 @kernel(fastmath={"contract"})
@@ -90,28 +95,6 @@ def test_ir_activation_matches_helpers(act):
     r = (ref.gelu_erf if act == ACT_GELU_ERF else ref.gelu_tanh)(x[body])
     err = np.abs(got[body].astype(np.float64) - r)
     assert np.all(err <= 1.5e-6 * np.maximum(1.0, np.abs(r))), err.max()
-
-
-def _make_act(width):
-    @intrinsic
-    def act_n(typingctx, x, off, out, act):
-        """out[off:off+width] = act(x[off:off+width]) on one <width x float> vector."""
-        sig = types.void(x, types.intp, out, types.int64)
-
-        def codegen(context, builder, signature, args):
-            vty = ir.VectorType(ir.FloatType(), width)
-
-            def ptr(i, arr):
-                data = context.make_array(signature.args[i])(context, builder, arr).data
-                return builder.bitcast(builder.gep(data, [args[1]]), vty.as_pointer())
-
-            (res,) = act_ir.emit_activation_switch(builder, args[3], [builder.load(ptr(0, args[0]), align=4)])
-            builder.store(res, ptr(2, args[2]), align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return act_n
 
 
 _act8, _act32 = _make_act(8), _make_act(32)
