@@ -125,7 +125,8 @@ class Model:
             observe=None) -> dict[str, np.ndarray]:
         """Run the graph on padded (B, S) feeds.
 
-        ``profile``, if given, accumulates seconds per op label (e.g. "linear[fp32]").
+        ``profile``, if given, accumulates seconds per op label (e.g. "linear[fp32]"; a fused encoder layer
+        counts as "encoder_layer": load with fuse=False to see its nodes one by one).
         ``observe(node, inputs)``, if given, is called before each node with its (packed) input arrays:
         calibration reads activation statistics through it. It must not modify the arrays. The run then uses
         the unfused steps (edgeformer/fusion.py), so every input is the float32 value the graph defines.
