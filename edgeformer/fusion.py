@@ -188,8 +188,6 @@ def _layer_step(kernel, args, nodes, steps):
         if workers.threads != 1:  # the steps split rows and heads across threads themselves
             env = {nodes[0].inputs[0]: inputs[0]}
             for node, step in zip(nodes, steps):
-                if step is None:
-                    continue
                 for value, result in zip(node.outputs, step([env[v] for v in node.inputs], batch, workers)):
                     env[value] = result
             return [env[nodes[-1].outputs[0]]]

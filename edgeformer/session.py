@@ -3,7 +3,8 @@
 ``load`` reads the model file (zero-copy mmap), validates the graph once, binds every node to its
 weights and fuses what can be fused (edgeformer/fusion.py: an int8 linear feeding only another int8 linear
 hands it quantised rows; a post-LN encoder layer of int8 linears runs as one Numba call), so ``Model.run``
-only checks the feeds, packs the valid tokens, calls the bound steps in order and unpacks the outputs. A Model is immutable after load and safe to share between Python threads.
+only checks the feeds, packs the valid tokens, calls the bound steps in order and unpacks the outputs.
+A Model is immutable after load and safe to share between Python threads.
 """
 from __future__ import annotations
 
@@ -142,17 +143,14 @@ class Model:
         for index, (node, step) in enumerate(self._steps if observe is None else self._plain_steps):
             if observe is not None:
                 observe(node, [env[v] for v in node.inputs])
-            if step is None:  # run by the fused step before it (edgeformer/fusion.py)
-                pass
-            elif profile is None:
-                results = step([env[v] for v in node.inputs], batch, self._workers)
-                for value, result in zip(node.outputs, results):
-                    env[value] = result
-            else:
-                start = time.perf_counter()
-                results = step([env[v] for v in node.inputs], batch, self._workers)
-                label = _label(node)
-                profile[label] = profile.get(label, 0.0) + time.perf_counter() - start
+            if step is not None:  # None: run by the fused step before it (edgeformer/fusion.py)
+                if profile is None:
+                    results = step([env[v] for v in node.inputs], batch, self._workers)
+                else:
+                    start = time.perf_counter()
+                    results = step([env[v] for v in node.inputs], batch, self._workers)
+                    label = _label(node)
+                    profile[label] = profile.get(label, 0.0) + time.perf_counter() - start
                 for value, result in zip(node.outputs, results):
                     env[value] = result
             for value in node.inputs:

@@ -185,6 +185,11 @@ def test_encoder_layers_fused_and_exact(tmp_path, act, activation_quant, smooth,
                     np.testing.assert_allclose(fused[name], plain[name], rtol=1e-5, atol=1e-5)
                     np.testing.assert_allclose(fused[name], threads2[name], rtol=1e-5, atol=1e-5)
                 assert np.all(np.isfinite(fused[name]))
+        empty = _bert_feeds(2, 9, seed=hidden)  # a fully padded sequence: no tokens of its own in the layers
+        empty["attention_mask"][0] = 0
+        fused, plain = one.run(empty), one.run(empty, observe=lambda node, inputs: None)
+        for name in fused:
+            np.testing.assert_array_equal(fused[name], plain[name])
 
 
 def test_encoder_layer_matches_fp32_reference(tmp_path):

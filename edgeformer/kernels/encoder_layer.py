@@ -12,8 +12,8 @@ thread, so the result equals the unfused steps' (tests/test_fusion.py): bit for 
 the float32 attention's reassociable row sums may be vectorised differently once LLVM links that kernel into
 the layer (a few ulp). What goes away is the Python between the kernels: per layer seven dispatches,
 allocations and dictionary lookups, and the caches and branch predictors the interpreter disturbs between
-them. Int8 MiniLM on Zen 4, one thread, in-process A/B of fused and per-node steps (scratch/fab.py-style,
-300 interleaved runs): 1x128 0.965, 1x16 0.86, 8x128 0.99.
+them. Int8 MiniLM on Zen 4, one thread, `bench/fusion_ab.py` (fused and per-node steps of one file, calls
+interleaved per round; bench/results/fusion_ab.md): fused / unfused 1x16 0.893, 1x128 0.976, 8x128 0.882.
 
 One kernel per int8 path (each calls only its own path's kernels, so nothing is compiled for an instruction
 set the CPU lacks) and, on AVX512-BF16 CPUs, one with the bf16 attention kernel. A linear's parameters
